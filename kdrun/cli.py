@@ -1,0 +1,134 @@
+"""The ``kdrun`` command: a Hydra app around :func:`kdrun.run.run`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from kdrun.config import register_resolvers
+from kdrun.errors import ConfigError, KdrunError
+
+log = logging.getLogger("kdrun")
+register_resolvers()  # before Hydra composes: conf/ uses them
+
+
+class _StderrGate(io.TextIOBase):
+    """Holds stderr until the job starts, so Hydra's multi-line config errors can be
+    condensed to one line; from :meth:`release` on it passes everything through."""
+
+    def __init__(self, stream):
+        self.stream, self.buffer_text, self.released = stream, [], False
+
+    def write(self, text: str) -> int:
+        if self.released:
+            return self.stream.write(text)
+        self.buffer_text.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.stream.write("".join(self.buffer_text))
+            self.buffer_text.clear()
+
+    def held(self) -> str:
+        return "".join(self.buffer_text)
+
+
+_failures: list[int] = []
+
+
+def _check_resume_overrides() -> None:
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+    if overrides:
+        raise ConfigError(
+            f"resume uses the saved config of the run; drop the other overrides ({' '.join(overrides)})"
+        )
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def _app(cfg: DictConfig) -> float | None:
+    if isinstance(sys.stderr, _StderrGate):
+        sys.stderr.release()
+    from kdrun.run import run  # the heavy imports wait until the config is known to be good
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        if cfg.get("resume"):
+            _check_resume_overrides()
+        summary = run(cfg)
+    except KdrunError as err:
+        log.debug("kdrun error", exc_info=True)
+        log.error("kdrun: error: %s", err)
+        if not multirun:
+            sys.exit(err.exit_code)
+        _failures.append(err.exit_code)
+        return None
+    except Exception:
+        # A bug, not bad input: keep the traceback in kdrun.log and the run's summary.
+        log.exception("kdrun: unexpected error (see the traceback above; summary.json has status failed)")
+        if not multirun:
+            sys.exit(1)
+        _failures.append(1)
+        return None
+    return summary["student"]["test_acc"]
+
+
+def _condense(text: str) -> str:
+    """One line from Hydra's multi-line error text (drops the search path and hints)."""
+    message, options = [], []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Config search path"):
+            break
+        if not line or line.startswith(("Set the environment variable", "Traceback", "full_key:", "object_type=")):
+            continue
+        if line.startswith("Available options in"):
+            message.append(line.replace("Available options in", "available options for").rstrip(":") + ":")
+            options = message
+            continue
+        if options is message and not line.endswith(":") and " " not in line:
+            options.append(line + ",")
+            continue
+        message.append(line)
+    return " ".join(message).rstrip(",") or "invalid command line"
+
+
+def main() -> None:
+    gate = _StderrGate(sys.stderr)
+    sys.stderr = gate
+    try:
+        _app()
+    except SystemExit as exit_:
+        if not gate.released and exit_.code not in (0, None):
+            # Hydra rejected the command line or the config before the job began.
+            gate.stream.write(f"kdrun: error: {_condense(gate.held())}\n")
+            gate.buffer_text.clear()
+            sys.stderr = gate.stream
+            sys.exit(2)
+        raise
+    finally:
+        gate.release()
+        sys.stderr = gate.stream
+    if _failures:
+        sys.exit(max(_failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""What a strategy gets to work with: config, data, device, run directory, model builder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from kdrun import models
+from kdrun.data import DataBundle
+from kdrun.engine.loop import FitResult, FitSpec, fit
+from kdrun.reporting.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    data: DataBundle
+    device: torch.device
+    metrics: MetricsLog
+
+    def build_model(self, model_cfg: DictConfig) -> nn.Module:
+        """Build seeded with ``cfg.seed``, so the distilled and the scratch student start identical."""
+        torch.manual_seed(int(self.cfg.seed))
+        return models.build(model_cfg, self.data.num_classes, self.data.input_shape)
+
+    def fit(self, task, spec: FitSpec, label: str, ckpt_dir: Path, meta: dict) -> FitResult:
+        return fit(
+            task, self.data, spec, label=label, ckpt_dir=ckpt_dir, metrics=self.metrics,
+            device=self.device, seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta,
+        )

@@ -1,0 +1,89 @@
+"""Datasets: each source returns :class:`Splits`; :func:`build` makes the loaders.
+
+A dataset config names a source with ``_target_`` (a function returning
+``Splits``) plus loader settings; adding a dataset is one function and one
+YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from kdrun.config import instantiate_user
+from kdrun.errors import ConfigError
+
+
+@dataclass
+class Splits:
+    """What a dataset source provides.
+
+    ``train`` and ``train_eval`` hold the same samples in the same order; the
+    first applies train-time augmentation, the second the eval transform (the
+    validation split is carved out of it so validation is never augmented).
+    """
+
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    embedded: bool = False
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    input_shape: tuple[int, ...]
+    embedded: bool
+    val_is_test: bool
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of ``range(n)``; the same seed gives the same split."""
+    n_val = int(round(n * val_fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def build(cfg: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
+    splits: Splits = instantiate_user(cfg.source, f"dataset {cfg.name}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    train_idx, val_idx = split_indices(len(splits.train), cfg.val_fraction, seed)
+    train_set = Subset(splits.train, train_idx)
+    val_is_test = not val_idx
+    val_set = splits.test if val_is_test else Subset(splits.train_eval, val_idx)
+    workers = int(cfg.num_workers)
+
+    def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=int(cfg.batch_size) if shuffle else int(cfg.get("eval_batch_size", 512)),
+            shuffle=shuffle,
+            drop_last=shuffle and bool(cfg.get("drop_last", False)),
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+            # The engine reseeds this generator at every epoch, so the shuffle
+            # order (and worker seeds) depend only on (seed, epoch): resume is exact.
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        )
+
+    return DataBundle(
+        name=str(cfg.name),
+        train=loader(train_set, shuffle=True),
+        val=loader(val_set, shuffle=False),
+        test=loader(splits.test, shuffle=False),
+        num_classes=splits.num_classes,
+        input_shape=tuple(splits.input_shape),
+        embedded=splits.embedded,
+        val_is_test=val_is_test,
+    )

@@ -1,0 +1,215 @@
+"""The one training loop: step, backward, optimizer, evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kdrun.data import DataBundle
+from kdrun.engine import checkpoint
+from kdrun.errors import Interrupted, TrainingError
+from kdrun.reporting.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+NONFINITE_CHECK_EVERY = 25
+# Set by the SIGINT/SIGTERM handlers (see kdrun.run); the loop stops at the next step
+# boundary, so a signal never lands inside a checkpoint write or a log call.
+STOP = threading.Event()
+
+
+@dataclass
+class FitSpec:
+    """How one model is trained: epochs, optimizer and scheduler factories, clipping."""
+
+    epochs: int
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., Any]
+    grad_clip: float | None = None
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    best_val_acc: float
+    final_val_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, fp16 (with a grad scaler) otherwise; none on CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def epoch_seed(seed: int, label: str, epoch: int) -> int:
+    """Randomness of an epoch depends only on (seed, who trains, epoch), so resume is exact."""
+    return (seed * 1_000_003 + zlib.crc32(label.encode()) + epoch * 7919) % (2**63)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Top-1 accuracy in percent and mean cross-entropy of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for batch in loader:
+        inputs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += labels.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(count, 1), loss_sum / max(count, 1)
+
+
+def fit(
+    task,
+    data: DataBundle,
+    spec: FitSpec,
+    *,
+    label: str,
+    ckpt_dir: Path,
+    metrics: MetricsLog,
+    device: torch.device,
+    seed: int,
+    amp: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``task`` (see :class:`kdrun.distill.DistillTask`) for ``spec.epochs`` epochs.
+
+    ``ckpt_dir/last.pt`` is written at every epoch end and, when present at the
+    start, training carries on from it. ``best.pt`` holds the student with the
+    best validation accuracy; ``meta`` (arch, config, ...) goes into both.
+    """
+    dtype = amp_dtype(device, amp)
+    task.to(device)
+    steps_per_epoch = len(data.train)
+    optimizer = spec.optimizer(params=task.parameters())
+    scheduler = spec.scheduler(optimizer, epochs=spec.epochs, steps_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    meta = dict(meta or {})
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+
+    start_epoch, best_val, history = 0, -1.0, []
+    if last_path.exists():
+        state = checkpoint.load(last_path, f"{label} checkpoint")
+        task.load_state_dict(state)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_val, history = state["epoch"], state["best_val_acc"], state["history"]
+        metrics.drop_after(label, start_epoch)
+        if start_epoch < spec.epochs:
+            log.info("Resuming %s from %s (epoch %d of %d)", label, last_path, start_epoch, spec.epochs)
+
+    def save_last(epoch: int) -> None:
+        checkpoint.save_atomic(
+            {
+                **task.state_dict(),
+                **meta,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_val_acc": best_val,
+                "history": history,
+                "rng": {"torch": torch.get_rng_state()},
+            },
+            last_path,
+        )
+
+    if start_epoch == 0 and not last_path.exists():
+        save_last(0)  # so an interrupt during the first epoch still leaves a resumable state
+
+    show_bar = sys.stderr.isatty()
+    with task:
+        for epoch in range(start_epoch + 1, spec.epochs + 1):
+            epoch_start = time.perf_counter()
+            torch.manual_seed(epoch_seed(seed, label, epoch))
+            if data.train.generator is not None:
+                data.train.generator.manual_seed(epoch_seed(seed, label, epoch))
+            task.train()
+            loss_sum = torch.zeros((), device=device)
+            part_sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            bar = tqdm(data.train, desc=f"{label} {epoch}/{spec.epochs}", unit="batch", leave=False, disable=not show_bar, dynamic_ncols=True)
+            for step, batch in enumerate(bar, start=1):
+                inputs = batch[0].to(device, non_blocking=True)
+                labels = batch[1].to(device, non_blocking=True)
+                index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+                with autocast(device, dtype):
+                    total, parts, logits = task.loss(inputs, labels, index)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if spec.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(task.parameters(), spec.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                batch_size = labels.numel()
+                seen += batch_size
+                loss_sum += total.detach().float() * batch_size
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value.detach().float() * batch_size
+                correct += (logits.detach().argmax(1) == labels).sum()
+                if STOP.is_set():
+                    raise Interrupted(f"{label} stopped in epoch {epoch}; last.pt holds epoch {epoch - 1}")
+                # Checking finiteness syncs the GPU, so do it every few steps, not every step.
+                if step % NONFINITE_CHECK_EVERY == 0 or step == steps_per_epoch:
+                    if not torch.isfinite(loss_sum):
+                        raise TrainingError(
+                            f"{label}: loss became non-finite in epoch {epoch} (by step {step}); "
+                            f"lower the learning rate or set grad_clip; last good checkpoint: {last_path} "
+                            f"(epoch {epoch - 1})"
+                        )
+                    if show_bar:
+                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+
+            val_acc, val_loss = evaluate(task.student, data.val, device, dtype)
+            train_row = {
+                "epoch": epoch,
+                "model": label,
+                "split": "train",
+                "acc": 100.0 * correct.item() / seen,
+                "loss": loss_sum.item() / seen,
+                **{name: value.item() / seen for name, value in part_sums.items()},
+                "lr": optimizer.param_groups[0]["lr"],
+                "time_s": time.perf_counter() - epoch_start,
+            }
+            val_row = {"epoch": epoch, "model": label, "split": "val", "acc": val_acc, "loss": val_loss}
+            history.append({"epoch": epoch, "train_acc": train_row["acc"], "train_loss": train_row["loss"], "val_acc": val_acc})
+            if val_acc > best_val:
+                best_val = val_acc
+                checkpoint.save_atomic({"model": task.student.state_dict(), **meta, "epoch": epoch, "val_acc": val_acc}, best_path)
+            save_last(epoch)
+            metrics.write(**train_row)
+            metrics.write(**val_row)
+            log.info(
+                "%s epoch %d/%d  loss %.4f  train_acc %.2f  val_acc %.2f  lr %.3g  %.1fs",
+                label, epoch, spec.epochs, train_row["loss"], train_row["acc"], val_acc, train_row["lr"], train_row["time_s"],
+            )
+
+    final_val = history[-1]["val_acc"] if history else float("nan")
+    return FitResult(epochs=spec.epochs, best_val_acc=best_val, final_val_acc=final_val, history=history)

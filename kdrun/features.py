@@ -1,0 +1,67 @@
+"""Forward-hook taps: read intermediate outputs of unmodified models by module path."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from kdrun.errors import ConfigError
+
+
+def module_paths(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:
+    """Raise a ConfigError listing the available paths when one does not exist."""
+    available = dict(model.named_modules())
+    for path in paths:
+        if path not in available:
+            close = difflib.get_close_matches(path, available, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            top_level = ", ".join(name for name in available if name and "." not in name)
+            raise ConfigError(
+                f"{owner} has no module '{path}'; {hint}available top-level modules: {top_level} "
+                "(nested paths use dots, e.g. stage1.0)"
+            )
+
+
+class FeatureTaps:
+    """Register forward hooks on ``paths`` of ``model``; ``taps[path]`` is the last output.
+
+    Used as a context manager, so hooks are removed when the work is done.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], owner: str = "model"):
+        self.paths = list(dict.fromkeys(paths))
+        check_paths(model, self.paths, owner)
+        self.model = model
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> FeatureTaps:
+        modules = dict(self.model.named_modules())
+        for path in self.paths:
+            self._handles.append(modules[path].register_forward_hook(self._store(path)))
+        return self
+
+    def _store(self, path: str):
+        def hook(_module, _inputs, output):
+            self.outputs[path] = output
+
+        return hook
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        return self.outputs[path]
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.outputs.clear()

@@ -1,0 +1,61 @@
+"""A recipe is a weighted sum of terms that logs each part and prints as a formula."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.config import instantiate_user
+from kdrun.errors import ConfigError
+from kdrun.losses.base import StepOutputs, Term
+
+
+class WeightedSum(nn.Module):
+    def __init__(self, terms: Mapping[str, tuple[float, Term]]):
+        super().__init__()
+        if not terms:
+            raise ConfigError("the loss recipe has no terms; pick one with loss=kd (or loss=ce)")
+        self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
+        self.terms = nn.ModuleDict({name: term for name, (_, term) in terms.items()})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term.needs_teacher for term in self.terms.values())
+
+    def taps(self, side: str) -> list[str]:
+        """Module paths the terms read from ``side`` ("student" or "teacher")."""
+        paths = (path for term in self.terms.values() for path in getattr(term, f"{side}_taps"))
+        return list(dict.fromkeys(paths))
+
+    def setup(self, probe: StepOutputs) -> None:
+        for term in self.terms.values():
+            term.setup(probe)
+
+    def forward(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {f"loss/{name}": term(outputs) for name, term in self.terms.items()}
+        total = sum(self.weights[name] * parts[f"loss/{name}"] for name in self.terms)
+        return total, parts
+
+    def __str__(self) -> str:
+        return "L = " + " + ".join(f"{self.weights[name]:g}*{term.describe()}" for name, term in self.terms.items())
+
+
+def build_recipe(cfg: DictConfig | Mapping) -> WeightedSum:
+    """Instantiate ``{name: {weight, _target_, ...}}`` into a :class:`WeightedSum`."""
+    spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    terms = {}
+    for name, term_cfg in spec.items():
+        term_cfg = dict(term_cfg)
+        if "weight" not in term_cfg or "_target_" not in term_cfg:
+            raise ConfigError(f"loss.{name} needs a 'weight' and a '_target_' (got keys {sorted(term_cfg)})")
+        weight = term_cfg.pop("weight")
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
+        terms[name] = (weight, instantiate_user(term_cfg, f"loss term {name}"))
+    return WeightedSum(terms)
+
+
+CE_ONLY = {"ce": {"weight": 1.0, "_target_": "kdrun.losses.logits.CrossEntropy"}}

@@ -1,0 +1,121 @@
+"""CIFAR ResNets (depth 6n+2) as in the CRD paper's code (RepDistiller ``models/resnet.py``).
+
+Parameter counts match the reference exactly; the modules are renamed to kdrun's tap names:
+``stem`` -> ``stage1`` .. ``stage3`` -> ``embedding`` (pooled, flat features) -> ``fc``.
+The stage outputs are the post-ReLU block outputs (the reference's ``f1..f3``, not its preact).
+"""
+
+from torch import nn
+
+from kdrun.errors import ConfigError
+
+RESNET_WIDTHS = (16, 16, 32, 64)
+RESNET_X4_WIDTHS = (32, 64, 128, 256)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs and a residual; the shortcut is a 1x1 conv + BN when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        # Also projects when only the width changes (stride 1), as in resnet8x4's first stage 32 -> 64.
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # Not in place: a hook may hold the block's output, which is the next block's input.
+        return nn.functional.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, widths: tuple, num_classes: int, in_channels: int):
+        super().__init__()
+        blocks_per_stage = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stage_in = widths[0]
+        for index, width in enumerate(widths[1:], start=1):
+            stride = 1 if index == 1 else 2
+            blocks = [BasicBlock(stage_in, width, stride)]
+            blocks += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
+            self.add_module(f"stage{index}", nn.Sequential(*blocks))
+            stage_in = width
+        self.num_stages = len(widths) - 1
+        self.embedding = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for index in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{index}")(x)
+        return self.fc(self.embedding(x))
+
+
+def cifar_resnet(name: str, depth: int, widths: tuple, num_classes: int, input_shape) -> CifarResNet:
+    """A CIFAR ResNet of ``depth`` = 6n+2: stem width ``widths[0]``, stage widths ``widths[1:]``."""
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ConfigError(f"{name}: depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
+    try:
+        in_channels, _, _ = input_shape
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name}: input_shape must be (channels, height, width), got {input_shape!r}"
+        ) from None
+    return CifarResNet(depth, tuple(widths), num_classes, int(in_channels))
+
+
+def resnet8(num_classes, input_shape):
+    return cifar_resnet("resnet8", 8, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet14(num_classes, input_shape):
+    return cifar_resnet("resnet14", 14, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet20(num_classes, input_shape):
+    return cifar_resnet("resnet20", 20, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet32(num_classes, input_shape):
+    return cifar_resnet("resnet32", 32, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet44(num_classes, input_shape):
+    return cifar_resnet("resnet44", 44, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet56(num_classes, input_shape):
+    return cifar_resnet("resnet56", 56, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet110(num_classes, input_shape):
+    return cifar_resnet("resnet110", 110, RESNET_WIDTHS, num_classes, input_shape)
+
+
+def resnet8x4(num_classes, input_shape):
+    return cifar_resnet("resnet8x4", 8, RESNET_X4_WIDTHS, num_classes, input_shape)
+
+
+def resnet32x4(num_classes, input_shape):
+    return cifar_resnet("resnet32x4", 32, RESNET_X4_WIDTHS, num_classes, input_shape)

@@ -1,0 +1,1 @@
+"""Run artifacts: metrics.jsonl, summary.json and the headline table."""

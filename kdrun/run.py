@@ -1,0 +1,150 @@
+"""``run(cfg)``: one kdrun job from a composed config to a metrics dict (no shell needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun import data as datasets
+from kdrun.config import instantiate_user, register_resolvers, resolve_device, validate
+from kdrun.context import RunContext
+from kdrun.engine.loop import STOP
+from kdrun.errors import ConfigError, Interrupted, KdrunError
+from kdrun.reporting.metrics import MetricsLog
+from kdrun.reporting.summary import distillation_figures, headline, versions, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def hydra_run_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The saved config of the run to resume, and its directory."""
+    run_dir = Path(os.path.expanduser(str(cfg.resume))).resolve()
+    saved = run_dir / "config_resolved.yaml"
+    if not (run_dir / "checkpoints" / "last.pt").is_file() or not saved.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no kdrun run there ({saved} or checkpoints/last.pt is missing)")
+    resumed = OmegaConf.load(saved)
+    resumed.resume = str(run_dir)
+    return resumed, run_dir
+
+
+@contextmanager
+def stop_on_signals():
+    """Ctrl-C and SIGTERM (a scheduler's stop) ask the loop to stop at the next step;
+    a second Ctrl-C stops at once."""
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+
+    STOP.clear()
+    try:
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        STOP.clear()
+
+
+@contextmanager
+def run_log(run_dir: Path):
+    """Outside Hydra (tests, notebooks) still write kdrun.log; under Hydra its handler does."""
+    if HydraConfig.initialized():
+        yield
+        return
+    handler = logging.FileHandler(run_dir / "kdrun.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    package_log = logging.getLogger("kdrun")
+    package_log.addHandler(handler)
+    level = package_log.level
+    package_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package_log.removeHandler(handler)
+        package_log.setLevel(level)
+        handler.close()
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one job and return its summary; raises KdrunError subclasses on failure.
+
+    ``summary.json`` is written whatever happens: ``completed``, ``failed`` (with
+    the error) or ``interrupted``.
+    """
+    register_resolvers()
+    if cfg.get("resume"):
+        cfg, run_dir = resumed_config(cfg)
+    run_dir = Path(run_dir or hydra_run_dir() or Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    summary: dict[str, Any] = {
+        "status": "running", "error": None, "name": cfg.get("name"), "strategy": None, "dataset": None,
+        "student": None, "teacher": None, "scratch": None, "wall_time_s": None, "run_dir": str(run_dir),
+        "seed": cfg.get("seed"), "versions": versions(),
+    }
+    if not cfg.get("resume") and (run_dir / "checkpoints" / "last.pt").exists():
+        # Raised before summary.json is touched: the earlier run's files stay as they are.
+        raise ConfigError(
+            f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} "
+            "or choose another hydra.run.dir"
+        )
+    with run_log(run_dir), stop_on_signals():
+        try:
+            validate(cfg)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+            device = resolve_device(str(cfg.device))
+            torch.manual_seed(int(cfg.seed))
+            data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=device.type == "cuda")
+            summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
+            log.info(
+                "kdrun %s: %s on %s (%s), run dir %s", summary["versions"]["kdrun"], cfg.strategy.name,
+                data.name, device, run_dir,
+            )
+            if data.val_is_test:
+                log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
+            strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
+            summary["strategy"] = str(cfg.strategy.name)
+            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog(run_dir / "metrics.jsonl"))
+            sections = strategy.run(ctx)
+            trained = sections.pop("_models")
+            summary.update(sections)
+            probe = next(iter(data.test))[0].to(device)
+            summary["figures"] = distillation_figures(summary, trained["student"], trained.get("teacher"), probe)
+            summary["status"] = "completed"
+            log.info("Result:\n%s", headline(summary))
+        except (KeyboardInterrupt, Interrupted) as err:
+            summary.update(status="interrupted", error=str(err) or "interrupted by Ctrl-C")
+            log.warning("%s", summary["error"])
+            raise Interrupted(
+                f"interrupted; checkpoints/last.pt holds the last completed epoch; carry on with: kdrun resume={run_dir}"
+            ) from err
+        except KdrunError as err:
+            summary.update(status="failed", error=str(err))
+            raise
+        except Exception as err:
+            summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            summary["wall_time_s"] = round(time.time() - started, 3)
+            write_summary(run_dir, summary)
+    return summary

@@ -1,0 +1,38 @@
+"""Forward-hook taps on unmodified models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdrun.errors import ConfigError
+from kdrun.features import FeatureTaps
+from kdrun.models.presets import cnn, mlp
+
+
+def test_taps_capture_named_stages_and_remove_hooks():
+    model = cnn(num_classes=10, input_shape=(1, 40), channels=(8, 16))
+    with FeatureTaps(model, ["stage1", "embedding", "fc"]) as taps:
+        logits = model(torch.randn(3, 1, 40))
+        assert taps["stage1"].shape == (3, 8, 40)
+        assert taps["embedding"].shape == (3, 16)
+        assert torch.equal(taps["fc"], logits)
+    assert not any(module._forward_hooks for module in model.modules())
+    assert taps.outputs == {}
+
+
+def test_embedding_is_the_classifier_input():
+    model = mlp(num_classes=4, input_shape=(1, 8, 8), hidden=(16,))
+    with FeatureTaps(model, ["embedding"]) as taps:
+        logits = model(torch.randn(2, 1, 8, 8))
+        assert torch.allclose(model.fc(taps["embedding"]), logits)
+
+
+def test_unknown_path_lists_available_modules():
+    model = mlp(num_classes=4, input_shape=(10,), hidden=(8, 8))
+    with pytest.raises(ConfigError) as err:
+        FeatureTaps(model, ["stage3"], owner="student")
+    message = str(err.value)
+    assert "student has no module 'stage3'" in message
+    assert "stage1" in message and "embedding" in message and "fc" in message
+    assert "\n" not in message
