@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from kdrun import models
 from kdrun.data import DataBundle
 from kdrun.engine.loop import FitResult, FitSpec, fit
 from kdrun.reporting.metrics import MetricsLog
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

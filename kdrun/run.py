@@ -129,6 +129,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             trained = sections.pop("_models")
             summary.update(sections)
             probe = next(iter(data.test))[0].to(device)
+            if cfg.get("published"):
+                summary["published"] = OmegaConf.to_container(cfg.published, resolve=True)
             summary["figures"] = distillation_figures(summary, trained["student"], trained.get("teacher"), probe)
             summary["status"] = "completed"
             log.info("Result:\n%s", headline(summary))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf

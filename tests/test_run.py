@@ -14,6 +14,7 @@ from kdrun.run import run
 SUMMARY_KEYS = {"status", "strategy", "student", "teacher", "scratch", "wall_time_s", "versions", "error", "figures", "recipe"}
 
 
+
 def test_default_job_writes_the_run_directory_contract(tmp_path):
     summary = run(make_cfg(*FAST), tmp_path)
     assert summary == read_summary(tmp_path)
@@ -67,6 +68,13 @@ def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path):
     given = run(make_cfg(*FAST, "seed=7", f"teacher.checkpoint={trained['teacher']['path']}"), tmp_path / "b")
     assert given["teacher"]["source"] == "checkpoint"
     assert given["teacher"]["test_acc"] == pytest.approx(trained["teacher"]["test_acc"])
+
+
+def test_experiment_prints_published_numbers_beside_ours(tmp_path):
+    cfg = make_cfg("experiment=cifar100_resnet32x4_resnet8x4", "dataset=fake", "epochs=1", "dataset.source.num_train=64", "dataset.source.num_test=32")
+    summary = run(cfg, tmp_path)
+    assert summary["published"]["method_acc"] == 73.33
+    assert "published (Tian et al." in (tmp_path / "kdrun.log").read_text()
 
 
 def test_digits_and_tiny_student(tmp_path):

@@ -5,6 +5,8 @@ Parameter counts match the reference exactly; the modules are renamed to kdrun's
 The stage outputs are the post-ReLU block outputs (the reference's ``f1..f3``, not its preact).
 """
 
+from functools import partial
+
 from torch import nn
 
 from kdrun.errors import ConfigError
@@ -85,37 +87,13 @@ def cifar_resnet(name: str, depth: int, widths: tuple, num_classes: int, input_s
     return CifarResNet(depth, tuple(widths), num_classes, int(in_channels))
 
 
-def resnet8(num_classes, input_shape):
-    return cifar_resnet("resnet8", 8, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet14(num_classes, input_shape):
-    return cifar_resnet("resnet14", 14, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet20(num_classes, input_shape):
-    return cifar_resnet("resnet20", 20, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet32(num_classes, input_shape):
-    return cifar_resnet("resnet32", 32, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet44(num_classes, input_shape):
-    return cifar_resnet("resnet44", 44, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet56(num_classes, input_shape):
-    return cifar_resnet("resnet56", 56, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet110(num_classes, input_shape):
-    return cifar_resnet("resnet110", 110, RESNET_WIDTHS, num_classes, input_shape)
-
-
-def resnet8x4(num_classes, input_shape):
-    return cifar_resnet("resnet8x4", 8, RESNET_X4_WIDTHS, num_classes, input_shape)
-
-
-def resnet32x4(num_classes, input_shape):
-    return cifar_resnet("resnet32x4", 32, RESNET_X4_WIDTHS, num_classes, input_shape)
+# The family of the CRD paper's code; each is ``factory(num_classes, input_shape)``.
+resnet8 = partial(cifar_resnet, "resnet8", 8, RESNET_WIDTHS)
+resnet14 = partial(cifar_resnet, "resnet14", 14, RESNET_WIDTHS)
+resnet20 = partial(cifar_resnet, "resnet20", 20, RESNET_WIDTHS)
+resnet32 = partial(cifar_resnet, "resnet32", 32, RESNET_WIDTHS)
+resnet44 = partial(cifar_resnet, "resnet44", 44, RESNET_WIDTHS)
+resnet56 = partial(cifar_resnet, "resnet56", 56, RESNET_WIDTHS)
+resnet110 = partial(cifar_resnet, "resnet110", 110, RESNET_WIDTHS)
+resnet8x4 = partial(cifar_resnet, "resnet8x4", 8, RESNET_X4_WIDTHS)
+resnet32x4 = partial(cifar_resnet, "resnet32x4", 32, RESNET_X4_WIDTHS)

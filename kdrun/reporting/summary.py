@@ -100,4 +100,10 @@ def headline(summary: dict[str, Any]) -> str:
         f"inference speed-up: {_fmt(figures['speedup'], '{:.2f}x')} on {figures['speed_device']} "
         f"(batch {figures['speed_batch_size']})"
     )
+    published = summary.get("published")
+    if published:
+        lines.append(
+            f"published ({published.get('source', 'paper')}): teacher {_fmt(published.get('teacher_acc'), '{:.2f}')}, "
+            f"student {_fmt(published.get('student_acc'), '{:.2f}')}, this method {_fmt(published.get('method_acc'), '{:.2f}')}"
+        )
     return "\n".join(lines)
