@@ -67,7 +67,9 @@ class DistillTask:
         self.student.train(mode)
         self.recipe.train(mode)
 
-    def outputs(self, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> StepOutputs:
+    def outputs(
+        self, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None, progress: float | None = None
+    ) -> StepOutputs:
         self.student_taps.clear()
         teacher_logits, teacher_features = None, {}
         if self.teacher is not None and self.recipe.needs_teacher:
@@ -85,6 +87,7 @@ class DistillTask:
             student_features=dict(self.student_taps.outputs),
             teacher_features=teacher_features,
             index=index,
+            progress=progress,
         )
 
     def setup(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -92,8 +95,8 @@ class DistillTask:
         with torch.no_grad():
             self.recipe.setup(self.outputs(inputs, labels))
 
-    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
-        outputs = self.outputs(inputs, labels, index)
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None, progress: float | None = None):
+        outputs = self.outputs(inputs, labels, index, progress)
         total, parts = self.recipe(outputs)
         return total, parts, outputs.student_logits
 

@@ -11,14 +11,21 @@ import torch.nn as nn
 from kdrun.errors import ConfigError
 
 
-def module_paths(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules() if name]
+LAST_STAGE = "last_stage"
+
+
+def resolve_path(model: nn.Module, path: str) -> str:
+    """A module path, or the alias ``last_stage`` for the model's deepest ``stageN``."""
+    if path != LAST_STAGE:
+        return path
+    stages = [int(name[5:]) for name, _ in model.named_children() if name.startswith("stage") and name[5:].isdigit()]
+    return f"stage{max(stages)}" if stages else path
 
 
 def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:
     """Raise a ConfigError listing the available paths when one does not exist."""
     available = dict(model.named_modules())
-    for path in paths:
+    for path in map(lambda p: resolve_path(model, p), paths):
         if path not in available:
             close = difflib.get_close_matches(path, available, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -32,7 +39,9 @@ def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:
 class FeatureTaps:
     """Register forward hooks on ``paths`` of ``model``; ``taps[path]`` is the last output.
 
-    Used as a context manager, so hooks are removed when the work is done.
+    Outputs are keyed by the path as given (an alias such as ``last_stage`` stays
+    the key), so loss terms need not know which model they read. Used as a context
+    manager, so hooks are removed when the work is done.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], owner: str = "model"):
@@ -45,7 +54,8 @@ class FeatureTaps:
     def __enter__(self) -> FeatureTaps:
         modules = dict(self.model.named_modules())
         for path in self.paths:
-            self._handles.append(modules[path].register_forward_hook(self._store(path)))
+            module = modules[resolve_path(self.model, path)]
+            self._handles.append(module.register_forward_hook(self._store(path)))
         return self
 
     def _store(self, path: str):

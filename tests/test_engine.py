@@ -78,3 +78,15 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
 def test_model_state_strips_compile_and_ddp_prefixes():
     state = {"model": {"_orig_mod.fc.weight": torch.ones(1), "module.fc.bias": torch.zeros(1)}}
     assert set(checkpoint.model_state(state)) == {"fc.weight", "fc.bias"}
+
+
+def test_projection_and_alignment_shapes():
+    from kdrun.losses.adapters import align_maps, projection
+
+    s_map, t_map = torch.randn(2, 8, 20), torch.randn(2, 16, 10)
+    s, t = align_maps(s_map, t_map)
+    assert s.shape == (2, 8, 10) and t.shape == (2, 16, 10)
+    assert projection(s.shape, t.shape)(s).shape == t.shape
+    s, t = align_maps(torch.randn(2, 32), t_map)  # vector student, map teacher
+    assert s.shape == (2, 32) and t.shape == (2, 160)
+    assert projection(s.shape, t.shape)(s).shape == (2, 160)

@@ -36,3 +36,13 @@ def test_unknown_path_lists_available_modules():
     assert "student has no module 'stage3'" in message
     assert "stage1" in message and "embedding" in message and "fc" in message
     assert "\n" not in message
+
+
+def test_last_stage_alias_resolves_per_model():
+    cnn_model = cnn(num_classes=10, input_shape=(1, 40), channels=(8, 16, 32))
+    mlp_model = mlp(num_classes=10, input_shape=(1, 40), hidden=(8, 8))
+    with FeatureTaps(cnn_model, ["last_stage"]) as t1, FeatureTaps(mlp_model, ["last_stage"]) as t2:
+        cnn_model(torch.randn(2, 1, 40))
+        mlp_model(torch.randn(2, 1, 40))
+        assert t1["last_stage"].shape[1] == 32  # stage3 of the CNN
+        assert t2["last_stage"].shape == (2, 8)  # stage2 of the MLP

@@ -7,7 +7,8 @@ YAML file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -44,6 +45,24 @@ class DataBundle:
     input_shape: tuple[int, ...]
     embedded: bool
     val_is_test: bool
+    train_set: Dataset = field(repr=False, default=None)
+    make_loader: Callable[[Dataset, bool], DataLoader] = field(repr=False, default=None)
+
+    def indexed(self) -> DataBundle:
+        """The same data, with training batches of ``(inputs, labels, index)``; the
+        index (0..len(train)-1) keys per-sample memories such as CRD's."""
+        return replace(self, train=self.make_loader(WithIndex(self.train_set), True))
+
+
+class WithIndex(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], index)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -86,4 +105,6 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
         input_shape=tuple(splits.input_shape),
         embedded=splits.embedded,
         val_is_test=val_is_test,
+        train_set=train_set,
+        make_loader=loader,
     )

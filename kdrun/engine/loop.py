@@ -158,7 +158,7 @@ def fit(
                 labels = batch[1].to(device, non_blocking=True)
                 index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
                 with autocast(device, dtype):
-                    total, parts, logits = task.loss(inputs, labels, index)
+                    total, parts, logits = task.loss(inputs, labels, index, epoch - 1 + (step - 1) / steps_per_epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
                 if spec.grad_clip:

@@ -18,6 +18,9 @@ class StepOutputs:
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
+    # Training progress in epochs (e.g. 2.5 = half-way through the third epoch), for
+    # terms with warm-ups or stages; None outside training (probe batches).
+    progress: float | None = None
 
 
 class Term(nn.Module):
@@ -25,13 +28,16 @@ class Term(nn.Module):
 
     Subclasses set ``symbol`` (how the term prints in the recipe's formula),
     ``needs_teacher``, and the module paths they read from each model
-    (``student_taps`` / ``teacher_taps``). Terms with adapters (regressors,
+    (``student_taps`` / ``teacher_taps``; ``last_stage`` names a model's deepest
+    ``stageN``, see :mod:`kdrun.features`). Terms with adapters (regressors,
     projections, memories) create them in :meth:`setup`, which receives the
-    outputs of one probe batch before the optimizer is built.
+    outputs of one probe batch before the optimizer is built. ``needs_index``
+    asks the data pipeline for each training sample's index (``outputs.index``).
     """
 
     symbol = "TERM"
     needs_teacher = True
+    needs_index = False
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 

@@ -25,6 +25,10 @@ class WeightedSum(nn.Module):
     def needs_teacher(self) -> bool:
         return any(term.needs_teacher for term in self.terms.values())
 
+    @property
+    def needs_index(self) -> bool:
+        return any(term.needs_index for term in self.terms.values())
+
     def taps(self, side: str) -> list[str]:
         """Module paths the terms read from ``side`` ("student" or "teacher")."""
         paths = (path for term in self.terms.values() for path in getattr(term, f"{side}_taps"))

@@ -36,6 +36,8 @@ class Offline:
             }
             ctx.metrics.write(epoch=0, model="teacher", split="test", acc=given.test_acc, source=given.source)
 
+        if recipe.needs_index:
+            ctx.data = ctx.data.indexed()
         task = DistillTask(student, recipe, teacher).to(ctx.device)
         probe_inputs, probe_labels = next(iter(ctx.data.train))[:2]
         with task:
