@@ -15,11 +15,12 @@ LAST_STAGE = "last_stage"
 
 
 def resolve_path(model: nn.Module, path: str) -> str:
-    """A module path, or the alias ``last_stage`` for the model's deepest ``stageN``."""
-    if path != LAST_STAGE:
+    """A module path; ``last_stage`` (or ``last_stage.<sub.path>``) stands for the model's deepest ``stageN``."""
+    head, dot, rest = path.partition(".")
+    if head != LAST_STAGE:
         return path
     stages = [int(name[5:]) for name, _ in model.named_children() if name.startswith("stage") and name[5:].isdigit()]
-    return f"stage{max(stages)}" if stages else path
+    return f"stage{max(stages)}{dot}{rest}" if stages else path
 
 
 def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:

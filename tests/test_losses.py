@@ -89,3 +89,23 @@ def test_ce_only_recipe_needs_no_teacher():
 def test_bad_recipes_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         build_recipe(spec)
+
+
+def test_terms_can_be_active_in_an_epoch_window():
+    recipe = build_recipe({
+        "ce": {"weight": 1.0, "_target_": "kdrun.losses.logits.CrossEntropy", "start_epoch": 2},
+        "kd": {"weight": 0.5, "_target_": "kdrun.losses.logits.SoftTargets", "T": 2, "stop_epoch": 2},
+    })
+    assert str(recipe) == "L = 1*CE[epochs 2-] + 0.5*KD(T=2)[epochs 0-2]"
+    torch.manual_seed(0)
+    outputs = StepOutputs(student_logits=torch.randn(4, 3, requires_grad=True), labels=torch.tensor([0, 1, 2, 0]), teacher_logits=torch.randn(4, 3))
+    early = StepOutputs(**{**outputs.__dict__, "progress": 0.5})
+    late = StepOutputs(**{**outputs.__dict__, "progress": 2.0})
+    total, parts = recipe(early)
+    assert set(parts) == {"loss/kd"} and total.item() == pytest.approx(0.5 * soft_target_kl(outputs.student_logits, outputs.teacher_logits, 2.0).item())
+    total, parts = recipe(late)
+    assert set(parts) == {"loss/ce"}
+    total.backward()
+    assert outputs.student_logits.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="stop_epoch=1 must be after start_epoch=3"):
+        build_recipe({"ce": {"weight": 1.0, "_target_": "kdrun.losses.logits.CrossEntropy", "start_epoch": 3, "stop_epoch": 1}})

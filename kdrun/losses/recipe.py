@@ -14,12 +14,20 @@ from kdrun.losses.base import StepOutputs, Term
 
 
 class WeightedSum(nn.Module):
-    def __init__(self, terms: Mapping[str, tuple[float, Term]]):
+    """``sum_i weight_i * term_i``; a term may be active only in ``[start_epoch, stop_epoch)``
+    (e.g. FitNets' hint-only first stage: ``loss.ce.start_epoch=H loss.kd.start_epoch=H``)."""
+
+    def __init__(self, terms: Mapping[str, tuple[float, Term]], windows: Mapping[str, tuple[float, float | None]] | None = None):
         super().__init__()
         if not terms:
             raise ConfigError("the loss recipe has no terms; pick one with loss=kd (or loss=ce)")
         self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
         self.terms = nn.ModuleDict({name: term for name, (_, term) in terms.items()})
+        self.windows = {name: (windows or {}).get(name, (0.0, None)) for name in terms}
+
+    def active(self, name: str, progress: float | None) -> bool:
+        start, stop = self.windows[name]
+        return progress is None or (progress >= start and (stop is None or progress < stop))
 
     @property
     def needs_teacher(self) -> bool:
@@ -39,18 +47,28 @@ class WeightedSum(nn.Module):
             term.setup(probe)
 
     def forward(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {f"loss/{name}": term(outputs) for name, term in self.terms.items()}
-        total = sum(self.weights[name] * parts[f"loss/{name}"] for name in self.terms)
+        active = [name for name in self.terms if self.active(name, outputs.progress)]
+        parts = {f"loss/{name}": self.terms[name](outputs) for name in active}
+        # Zero times the logits keeps a graph for backward when no term is active.
+        total = sum((self.weights[name] * parts[f"loss/{name}"] for name in active), outputs.student_logits.sum() * 0)
         return total, parts
 
     def __str__(self) -> str:
-        return "L = " + " + ".join(f"{self.weights[name]:g}*{term.describe()}" for name, term in self.terms.items())
+        def window(name: str) -> str:
+            start, stop = self.windows[name]
+            if not start and stop is None:
+                return ""
+            return f"[epochs {start:g}-{'' if stop is None else f'{stop:g}'}]"
+
+        return "L = " + " + ".join(
+            f"{self.weights[name]:g}*{term.describe()}{window(name)}" for name, term in self.terms.items()
+        )
 
 
 def build_recipe(cfg: DictConfig | Mapping) -> WeightedSum:
     """Instantiate ``{name: {weight, _target_, ...}}`` into a :class:`WeightedSum`."""
     spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    terms = {}
+    terms, windows = {}, {}
     for name, term_cfg in spec.items():
         term_cfg = dict(term_cfg)
         if "weight" not in term_cfg or "_target_" not in term_cfg:
@@ -58,8 +76,12 @@ def build_recipe(cfg: DictConfig | Mapping) -> WeightedSum:
         weight = term_cfg.pop("weight")
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
+        start, stop = term_cfg.pop("start_epoch", 0) or 0, term_cfg.pop("stop_epoch", None)
+        if stop is not None and stop <= start:
+            raise ConfigError(f"loss.{name}: stop_epoch={stop} must be after start_epoch={start}")
+        windows[name] = (float(start), None if stop is None else float(stop))
         terms[name] = (weight, instantiate_user(term_cfg, f"loss term {name}"))
-    return WeightedSum(terms)
+    return WeightedSum(terms, windows)
 
 
 CE_ONLY = {"ce": {"weight": 1.0, "_target_": "kdrun.losses.logits.CrossEntropy"}}

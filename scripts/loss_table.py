@@ -1,0 +1,83 @@
+"""Every loss recipe against the scratch student and plain KD, mean and spread over seeds.
+
+    python scripts/loss_table.py                 # runs the sweep, then prints the table
+    python scripts/loss_table.py --only DIR      # just the table, from a finished sweep
+
+The sweep is one multirun, ``kdrun -m loss=<every option> seed=0,1,2`` on the
+default data, teacher and student; the teacher is trained once per seed and cached.
+Extra arguments go to kdrun (e.g. ``epochs=10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+# Recipes that need models other than the default pair, with the overrides they need.
+SKIPPED = {"attention_map": "needs attention taps (transformer pair), see its YAML"}
+
+
+def loss_options() -> list[str]:
+    conf = Path(str(importlib.resources.files("kdrun.conf"))) / "loss"
+    return sorted(p.stem for p in conf.glob("*.yaml") if p.stem not in SKIPPED)
+
+
+def loss_choice(job: Path) -> str:
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("loss="))
+
+
+def fmt(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def table(sweep: Path) -> str:
+    by_loss: dict[str, list[dict]] = defaultdict(list)
+    for summary_path in sorted(sweep.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        by_loss[loss_choice(summary_path.parent)].append(summary)
+    scratch = {s["seed"]: s["scratch"]["test_acc"] for runs in by_loss.values() for s in runs if s.get("scratch")}
+    rows = ["| recipe | formula | test acc % (mean ± std) | gain over scratch | seeds |", "|---|---|---|---|---|"]
+    rows.append(f"| scratch (labels only) | L = 1*CE | {fmt(list(scratch.values()))} | 0 | {len(scratch)} |")
+    order = sorted(by_loss, key=lambda name: (name != "kd", name))
+    for name in order:
+        runs = [s for s in by_loss[name] if s["status"] == "completed"]
+        if not runs:
+            rows.append(f"| {name} | | failed: {by_loss[name][0].get('error')} | | 0 |")
+            continue
+        accs = [s["student"]["test_acc"] for s in runs]
+        gains = [s["student"]["test_acc"] - scratch[s["seed"]] for s in runs]
+        rows.append(f"| {name} | `{runs[0]['recipe']}` | {fmt(accs)} | {statistics.mean(gains):+.2f} | {len(runs)} |")
+    for name, why in SKIPPED.items():
+        rows.append(f"| {name} | | not run on this pair: {why} | | |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", type=Path, help="a finished sweep directory: print its table, run nothing")
+    parser.add_argument("--seeds", default="0,1,2")
+    args, kdrun_args = parser.parse_known_args()
+    sweep = args.only
+    if sweep is None:
+        sweep = Path("outputs/sweeps") / time.strftime("%Y-%m-%d_%H-%M-%S_loss_table")
+        command = [sys.executable, "-m", "kdrun", "-m", f"loss={','.join(loss_options())}", f"seed={args.seeds}",
+                   f"hydra.sweep.dir={sweep}", *kdrun_args]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=False)
+    print(table(sweep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
