@@ -1,7 +1,8 @@
 """Every loss recipe against the scratch student and plain KD, mean and spread over seeds.
 
-    python scripts/loss_table.py                 # runs the sweep, then prints the table
-    python scripts/loss_table.py --only DIR      # just the table, from a finished sweep
+    python scripts/loss_table.py                   # runs the sweep, then prints the table
+    python scripts/loss_table.py --only DIR [DIR]  # just the table, from finished sweeps
+    python scripts/loss_table.py --losses crd,crd_kd   # a subset of the recipes
 
 The sweep is one multirun, ``kdrun -m loss=<every option> seed=0,1,2`` on the
 default data, teacher and student; the teacher is trained once per seed and cached.
@@ -41,9 +42,9 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def table(sweep: Path) -> str:
+def table(sweeps: list[Path]) -> str:
     by_loss: dict[str, list[dict]] = defaultdict(list)
-    for summary_path in sorted(sweep.glob("*/summary.json")):
+    for summary_path in sorted(p for sweep in sweeps for p in sweep.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
         by_loss[loss_choice(summary_path.parent)].append(summary)
     scratch = {s["seed"]: s["scratch"]["test_acc"] for runs in by_loss.values() for s in runs if s.get("scratch")}
@@ -65,17 +66,19 @@ def table(sweep: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", type=Path, help="a finished sweep directory: print its table, run nothing")
+    parser.add_argument("--only", type=Path, nargs="+", help="finished sweep directories: print their table, run nothing")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--losses", default=None, help="comma-separated recipes (default: every conf/loss option)")
     args, kdrun_args = parser.parse_known_args()
-    sweep = args.only
-    if sweep is None:
-        sweep = Path("outputs/sweeps") / time.strftime("%Y-%m-%d_%H-%M-%S_loss_table")
-        command = [sys.executable, "-m", "kdrun", "-m", f"loss={','.join(loss_options())}", f"seed={args.seeds}",
-                   f"hydra.sweep.dir={sweep}", *kdrun_args]
+    sweeps = args.only
+    if sweeps is None:
+        sweeps = [Path("outputs/sweeps") / time.strftime("%Y-%m-%d_%H-%M-%S_loss_table")]
+        losses = args.losses or ",".join(loss_options())
+        command = [sys.executable, "-m", "kdrun", "-m", f"loss={losses}", f"seed={args.seeds}",
+                   f"hydra.sweep.dir={sweeps[0]}", *kdrun_args]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=False)
-    print(table(sweep))
+    print(table(sweeps))
     return 0
 
 

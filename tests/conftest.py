@@ -10,12 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from kdrun.config import register_resolvers
 
 CONF_DIR = str(importlib.resources.files("kdrun.conf"))
+
+# One intra-op thread per process: the suite's models are tiny, and on a small shared
+# machine two threads per process oversubscribe the cores (several times slower).
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # Small and fast: 2,000 MNIST-1D signals, two epochs, a teacher trained for four.
 FAST = [

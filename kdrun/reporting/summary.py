@@ -36,17 +36,16 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 @torch.no_grad()
-def seconds_per_batch(model: nn.Module, batch: torch.Tensor, budget_s: float = 0.5, max_iters: int = 50) -> float:
-    """Median forward time of ``model`` on ``batch`` in eval mode, after a warm-up."""
+def seconds_per_batch(model: nn.Module, batch: torch.Tensor, budget_s: float = 0.25, max_iters: int = 50) -> float:
+    """Median forward time of ``model`` on ``batch`` in eval mode, after a warm-up pass."""
     was_training = model.training
     model.eval()
     sync = torch.cuda.synchronize if batch.device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        model(batch)
+    model(batch)
     sync()
     times: list[float] = []
     spent = 0.0
-    while len(times) < max_iters and (spent < budget_s or len(times) < 5):
+    while len(times) < max_iters and (spent < budget_s or len(times) < 3):
         start = time.perf_counter()
         model(batch)
         sync()
