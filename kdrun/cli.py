@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdrun.config import register_resolvers
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 log = logging.getLogger("kdrun")
 register_resolvers()  # before Hydra composes: conf/ uses them
@@ -75,7 +75,8 @@ def _app(cfg: DictConfig) -> float | None:
     except KdrunError as err:
         log.debug("kdrun error", exc_info=True)
         log.error("kdrun: error: %s", err)
-        if not multirun:
+        # A stop request (Ctrl-C, a scheduler's SIGTERM) ends the whole sweep, not just this job.
+        if not multirun or isinstance(err, Interrupted):
             sys.exit(err.exit_code)
         _failures.append(err.exit_code)
         return None

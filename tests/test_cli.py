@@ -126,3 +126,18 @@ def test_sweep_makes_four_complete_jobs_and_trains_the_teacher_once(tmp_path):
     assert sources.count("trained") == 1 and sources.count("cache") == 3
     for pair in ("T=1,alpha=0.5", "T=1,alpha=0.9", "T=4,alpha=0.5", "T=4,alpha=0.9"):
         assert sum(pair in job.name for job in jobs) == 1, pair
+
+
+def test_sigterm_stops_a_whole_sweep_not_just_one_job(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", "-m", "seed=21,22,23", *FAST, "epochs=30"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stderr:
+        if "student epoch 2/30" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, rest
+    jobs = sorted(p for p in (tmp_path / "outputs" / "sweeps").glob("*/*") if p.is_dir())
+    assert len(jobs) == 1 and read_summary(jobs[0])["status"] == "interrupted"

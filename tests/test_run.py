@@ -35,6 +35,8 @@ def test_default_job_writes_the_run_directory_contract(tmp_path):
     for name in ("config_resolved.yaml", "kdrun.log", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (tmp_path / name).is_file(), name
     assert "L = 0.1*CE + 0.9*KD(T=4)" in (tmp_path / "kdrun.log").read_text()
+    assert summary["recipe_weights"] == {"ce": pytest.approx(0.1), "kd": pytest.approx(0.9)}
+    assert set(summary["loss_parts"]) == {"loss/ce", "loss/kd"}
 
     rows = read_metrics(tmp_path)
     train_rows = [r for r in rows if r["model"] == "student" and r["split"] == "train"]

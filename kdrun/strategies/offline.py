@@ -49,8 +49,11 @@ class Offline:
         ctx.metrics.write(epoch=result.epochs, model="student", split="test", acc=test_acc, loss=test_loss)
         log.info("student %s: test acc %.2f%% (best val %.2f%%)", cfg.student.arch, test_acc, result.best_val_acc)
 
+        last_train = [r for r in ctx.metrics.rows() if r["model"] == "student" and r["split"] == "train"][-1:]
         sections: dict[str, Any] = {
             "recipe": str(recipe),
+            "recipe_weights": dict(recipe.weights),
+            "loss_parts": {k: v for row in last_train for k, v in row.items() if k.startswith("loss/")},
             "teacher": teacher_summary,
             "student": {"arch": str(cfg.student.arch), "params": count_params(student), "test_acc": test_acc, "best_val_acc": result.best_val_acc},
             "scratch": None,
