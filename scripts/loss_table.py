@@ -50,6 +50,8 @@ def table(sweeps: list[Path]) -> str:
         summary = json.loads(summary_path.read_text())
         by_loss[loss_choice(summary_path.parent)].append(summary)
     scratch = {s["seed"]: s["scratch"]["test_acc"] for runs in by_loss.values() for s in runs if s.get("scratch")}
+    if not scratch:
+        raise SystemExit(f"error: no finished jobs with a scratch baseline under {', '.join(map(str, sweeps))}")
     rows = ["| recipe | formula | test acc % (mean ± std) | gain over scratch | seeds |", "|---|---|---|---|---|"]
     rows.append(f"| scratch (labels only) | L = 1*CE | {fmt(list(scratch.values()))} | 0 | {len(scratch)} |")
     order = sorted(by_loss, key=lambda name: (name != "kd", name))
