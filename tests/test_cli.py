@@ -70,21 +70,27 @@ def test_missing_dataset_error_names_the_path(tmp_path):
     assert f"{tmp_path}/nowhere" in result.stderr and "dataset.download=true" in result.stderr
 
 
+def sigterm_when_logged(marker: str, *args: str, cwd) -> tuple[int, str]:
+    """Run kdrun, send SIGTERM once ``marker`` shows in its log; return its exit code and the rest of its log."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stderr:
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    return process.wait(timeout=120), rest
+
+
 def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = [*FAST, "epochs=30", "seed=11"]
     reference = run(make_cfg(*overrides), tmp_path / "reference")  # also caches the teacher
 
     run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stderr:
-        if "student epoch 3/30" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 130, rest
+    returncode, rest = sigterm_when_logged("student epoch 3/30", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert returncode == 130, rest
     assert f"kdrun resume={run_dir}" in rest
     stopped = read_summary(run_dir)
     assert stopped["status"] == "interrupted"
@@ -131,15 +137,7 @@ def test_sweep_makes_four_complete_jobs_and_trains_the_teacher_once(tmp_path):
 
 
 def test_sigterm_stops_a_whole_sweep_not_just_one_job(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", "-m", "seed=21,22,23", *FAST, "epochs=30"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stderr:
-        if "student epoch 2/30" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 130, rest
+    returncode, rest = sigterm_when_logged("student epoch 2/30", "-m", "seed=21,22,23", *FAST, "epochs=30", cwd=tmp_path)
+    assert returncode == 130, rest
     jobs = sorted(p for p in (tmp_path / "outputs" / "sweeps").glob("*/*") if p.is_dir())
     assert len(jobs) == 1 and read_summary(jobs[0])["status"] == "interrupted"
