@@ -114,9 +114,10 @@ def test_crd_bank_first_step_matches_hand_computation():
 
 
 def test_crd_queue_first_step_matches_hand_computation():
-    """A one-row queue: every negative is that row; the positive is the other side's current embedding."""
+    """A one-row queue: every negative is that row; the positive is the other side's current
+    embedding (key_momentum=0: the key heads are the live heads)."""
     torch.manual_seed(0)
-    term = CRD(feat_dim=2, nce_k=2, nce_t=0.5, memory="queue", queue_size=1, objective="infonce")
+    term = CRD(feat_dim=2, nce_k=2, nce_t=0.5, memory="queue", queue_size=1, objective="infonce", key_momentum=0.0)
     identity_heads(term, 2)
     term.memory.student.copy_(torch.tensor([[0.0, 1.0]]))
     term.memory.teacher.copy_(torch.tensor([[1.0, 0.0]]))
@@ -125,6 +126,23 @@ def test_crd_queue_first_step_matches_hand_computation():
     t_scores = [[0.96, 0.6, 0.6]]  # teacher vs (its student, queue student x2)
     assert loss.item() == pytest.approx(info_nce_by_hand(s_scores, 0.5) + info_nce_by_hand(t_scores, 0.5), rel=1e-5)
     assert term.memory.index.tolist() == [7] and term.memory.labels.tolist() == [1]
+
+
+def test_queue_is_written_by_ema_heads():
+    """key <- 0.75 * key + 0.25 * live, then the positive and the queued entry use the key heads."""
+    term = CRD(feat_dim=2, nce_k=1, memory="queue", queue_size=4, key_momentum=0.75)
+    identity_heads(term, 2)
+    key_student = term.key_heads[0][1]
+    with torch.no_grad():
+        key_student.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swaps the two coordinates
+        key_student.bias.fill_(1.0)
+    term(probe(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([3])))
+    # weight 0.75*[[0,1],[1,0]] + 0.25*I = [[.25,.75],[.75,.25]], bias 0.75: (2,0) -> (1.25, 2.25), normalised
+    assert key_student.weight.flatten().tolist() == pytest.approx([0.25, 0.75, 0.75, 0.25])
+    assert key_student.bias.tolist() == pytest.approx([0.75, 0.75])
+    norm = math.hypot(1.25, 2.25)
+    assert term.memory.student[0].tolist() == pytest.approx([1.25 / norm, 2.25 / norm], rel=1e-5)
+    assert not any(p.requires_grad for p in term.key_heads.parameters())
 
 
 def test_bank_momentum_update_by_hand():
@@ -209,6 +227,8 @@ def test_gradients_reach_student_and_both_heads_not_teacher(nce_k):
         assert student.grad.abs().sum() > 0
         for head in (term.embed_student, term.embed_teacher):
             assert head[1].weight.grad.abs().sum() > 0
+        if memory == "queue":
+            assert all(p.grad is None for p in term.key_heads.parameters())
         assert all(p.grad is None for p in teacher_net.parameters()) and teacher.grad is None
         assert not any(b.requires_grad for b in term.buffers())
 
@@ -230,6 +250,8 @@ def test_state_round_trip_into_a_fresh_recipe(memory):
         assert torch.equal(fresh.state_dict()[key], value), key
     if memory == "bank":
         assert state["terms.crd.memory.student"].shape == (50, 8)
+    else:
+        assert "terms.crd.key_heads.1.1.weight" in state
     index = torch.arange(50, 60)  # a new sample range: the bank grows past its saved size
     outputs = probe(student[index], teacher[index], labels[index], index)
     torch.manual_seed(1)
@@ -269,6 +291,8 @@ def test_bad_options_are_config_errors():
         CRD(objective="triplet")
     with pytest.raises(ConfigError, match="nce_k"):
         CRD(nce_k=0)
+    with pytest.raises(ConfigError, match="key_momentum"):
+        CRD(key_momentum=1.0)
 
 
 @pytest.mark.parametrize("name, formula", [

@@ -15,7 +15,9 @@ Memories (buffers, so they are checkpointed and resumed):
   empty and grows (``torch.cat`` of new random rows) to ``max(index) + 1`` as indices
   arrive; with a shuffled loader that happens a handful of times in the first epoch.
 - ``queue``: a fixed FIFO of the last ``queue_size`` embeddings (MoCo style), so memory
-  does not grow with the dataset; the positive is then the current batch's embedding.
+  does not grow with the dataset. The positive is then the current batch's embedding;
+  it and the queue's entries come from EMA copies of the heads (``key_momentum``, like
+  MoCo's keys), so the positive is no fresher than the negatives.
 
 Both start with random unit rows (RepDistiller starts its bank with random rows too).
 Negatives are drawn uniformly with replacement (as RepDistiller's ``AliasMethod``
@@ -26,6 +28,7 @@ RepDistiller's ``CIFAR100InstanceSample`` draws them.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -164,7 +167,7 @@ class FeatureQueue(_Memory):
         return self.index[rows]
 
     def positives(self, index, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-        return student.detach(), teacher.detach()
+        return student, teacher
 
     @torch.no_grad()
     def push(self, index, labels, student, teacher) -> None:
@@ -192,6 +195,7 @@ class CRD(Term):
         queue_size: int = 16384,
         objective: str = "nce",
         negatives: str = "other_class",
+        key_momentum: float = 0.99,
     ):
         super().__init__()
         choices = {"memory": ("bank", "queue"), "objective": ("nce", "infonce"), "negatives": ("other_class", "other_sample")}
@@ -201,10 +205,14 @@ class CRD(Term):
         for name, value in (("feat_dim", feat_dim), ("nce_k", nce_k), ("queue_size", queue_size)):
             if value < 1:
                 raise ConfigError(f"loss.crd.{name}={value} must be >= 1")
-        if nce_t <= 0 or not 0 <= momentum < 1:
-            raise ConfigError(f"loss.crd needs nce_t > 0 and 0 <= momentum < 1 (got nce_t={nce_t}, momentum={momentum})")
+        if nce_t <= 0 or not 0 <= momentum < 1 or not 0 <= key_momentum < 1:
+            raise ConfigError(
+                f"loss.crd needs nce_t > 0 and momentum, key_momentum in [0, 1) "
+                f"(got nce_t={nce_t}, momentum={momentum}, key_momentum={key_momentum})"
+            )
         self.student_taps, self.teacher_taps = (student,), (teacher,)
         self.feat_dim, self.nce_k, self.nce_t, self.objective = feat_dim, nce_k, nce_t, objective
+        self.key_momentum = key_momentum
         exclude_class = negatives == "other_class"
         self.memory = (
             SampleBank(feat_dim, momentum, exclude_class) if memory == "bank" else FeatureQueue(queue_size, feat_dim, exclude_class)
@@ -225,6 +233,21 @@ class CRD(Term):
         out_shape = (len(student), self.feat_dim)
         self.embed_student = projection(student.shape, out_shape, norm=False).to(student.device)
         self.embed_teacher = projection(teacher.shape, out_shape, norm=False).to(teacher.device)
+        if isinstance(self.memory, FeatureQueue):
+            # With live heads the positive would be fresher than every queued negative, and
+            # the student learns that shortcut (MNIST-1D, 20 epochs: 47.7% test vs 58.9%
+            # with EMA heads, 57.7% with the bank, 58.8% with CE alone).
+            self.key_heads = nn.ModuleList([copy.deepcopy(self.embed_student), copy.deepcopy(self.embed_teacher)]).requires_grad_(False)
+
+    @torch.no_grad()
+    def _keys(self, student_features, teacher_features, student, teacher):
+        """What is written to memory: the live embeddings (bank), or the EMA heads' (queue)."""
+        if not isinstance(self.memory, FeatureQueue):
+            return student.detach(), teacher.detach()
+        for key, live in zip(self.key_heads, (self.embed_student, self.embed_teacher)):
+            for key_param, live_param in zip(key.parameters(), live.parameters()):
+                key_param.lerp_(live_param, 1 - self.key_momentum)
+        return F.normalize(self.key_heads[0](student_features), dim=1), F.normalize(self.key_heads[1](teacher_features), dim=1)
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         if outputs.index is None:
@@ -232,16 +255,19 @@ class CRD(Term):
         index, labels = outputs.index, outputs.labels
         # Similarities at T=0.07 need full precision: keep the term out of autocast.
         with torch.autocast(index.device.type, enabled=False):
-            student = F.normalize(self.embed_student(outputs.student_features[self.student_taps[0]].float()), dim=1)
-            teacher = F.normalize(self.embed_teacher(outputs.teacher_features[self.teacher_taps[0]].float()), dim=1)
-            student_positive, teacher_positive = self.memory.positives(index, student, teacher)
+            student_features = outputs.student_features[self.student_taps[0]].float()
+            teacher_features = outputs.teacher_features[self.teacher_taps[0]].float()
+            student = F.normalize(self.embed_student(student_features), dim=1)
+            teacher = F.normalize(self.embed_teacher(teacher_features), dim=1)
+            student_key, teacher_key = self._keys(student_features, teacher_features, student, teacher)
+            student_positive, teacher_positive = self.memory.positives(index, student_key, teacher_key)
             negatives = self.memory.negatives(index, labels, self.nce_k)
             scores = (
                 similarities(student, teacher_positive, self.memory.teacher, negatives),  # student anchor
                 similarities(teacher, student_positive, self.memory.student, negatives),  # teacher anchor
             )
             loss = sum(self._loss(direction, s) for direction, s in enumerate(scores))
-            self.memory.push(index, labels, student.detach(), teacher.detach())
+            self.memory.push(index, labels, student_key, teacher_key)
         return loss
 
     def _loss(self, direction: int, scores: torch.Tensor) -> torch.Tensor:
