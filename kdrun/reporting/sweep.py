@@ -1,0 +1,278 @@
+"""A sweep's jobs read back from disk, and their tables: summary.csv, summary.md, run comparisons.
+
+Everything here is rebuilt from the job directories (``.hydra/overrides.yaml``,
+``summary.json``), so a sweep with failed or killed jobs still gets its report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACCURACIES = ("teacher_acc", "student_acc", "scratch_acc", "gain")
+CSV_FIELDS = (
+    "status", "error", "teacher_acc", "student_acc", "scratch_acc", "gain", "student_params", "wall_time_s",
+    "published_method_acc",
+)
+
+
+@dataclass
+class Job:
+    """One run directory, whatever state it was left in."""
+
+    path: Path
+    overrides: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        """completed, failed, interrupted, or killed (no summary.json, or one still saying running)."""
+        status = self.summary.get("status")
+        return "killed" if status in (None, "running") else str(status)
+
+    @property
+    def error(self) -> str | None:
+        if self.status == "killed":
+            return "no final summary.json (the job was killed or is still running)"
+        return self.summary.get("error")
+
+    def _section(self, name: str) -> dict[str, Any]:
+        return self.summary.get(name) or {}
+
+    def value(self, name: str) -> Any:
+        """A reported number by its column name (None when the job did not produce it)."""
+        if name == "teacher_acc":
+            return self._section("teacher").get("test_acc")
+        if name == "student_acc":
+            return self._section("student").get("test_acc")
+        if name == "scratch_acc":
+            return self._section("scratch").get("test_acc")
+        if name == "gain":
+            return self._section("figures").get("gain")
+        if name == "student_params":
+            return self._section("student").get("params")
+        if name == "published_method_acc":
+            return self._section("published").get("method_acc")
+        if name in ("status", "error"):
+            return getattr(self, name)
+        return self.summary.get(name)
+
+
+def read_job(path: Path) -> Job:
+    job = Job(Path(path))
+    overrides_file = job.path / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        for override in yaml.safe_load(overrides_file.read_text()) or []:
+            key, _, value = str(override).partition("=")
+            job.overrides[key.lstrip("+~")] = value
+    summary_file = job.path / "summary.json"
+    if summary_file.is_file():
+        try:
+            job.summary = json.loads(summary_file.read_text())
+        except json.JSONDecodeError:
+            job.summary = {}
+    return job
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / ".hydra" / "overrides.yaml").is_file()
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    number, _, _ = path.name.partition("_")
+    return (int(number), path.name) if number.isdigit() else (math.inf, path.name)  # type: ignore[return-value]
+
+
+def collect(sweep_dir: str | Path) -> list[Job]:
+    """The jobs of a sweep, in job-number order."""
+    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and is_run_dir(p)]
+    return [read_job(p) for p in sorted(jobs, key=_job_number)]
+
+
+def as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _sort_key(text: str) -> tuple:
+    number = as_number(text)
+    return (0, number, "") if number is not None else (1, 0.0, text)
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they were given."""
+    keys: list[str] = []
+    for job in jobs:
+        keys += [key for key in job.overrides if key not in keys]
+    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+
+
+def common_overrides(jobs: list[Job]) -> dict[str, str]:
+    """Overrides every job shares (``epochs=5`` given to the whole sweep)."""
+    if not jobs:
+        return {}
+    swept = swept_keys(jobs)
+    return {key: value for key, value in jobs[0].overrides.items() if key not in swept}
+
+
+def write_csv(jobs: list[Job], path: str | Path) -> Path:
+    keys = swept_keys(jobs)
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", *keys, *CSV_FIELDS])
+        for job in jobs:
+            cells = [job.value(name) for name in CSV_FIELDS]
+            writer.writerow([job.name, *(job.overrides.get(k, "") for k in keys), *("" if c is None else c for c in cells)])
+    return Path(path)
+
+
+def _cell(value: Any, pattern: str = "{:.2f}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return pattern.format(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _numeric(cell: str) -> bool:
+    return cell == "-" or as_number(cell.split(" ")[0].replace(",", "")) is not None
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Numeric columns right-aligned."""
+    align = ["---:" if rows and all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _spread(values: list[float], signed: bool = False) -> str:
+    stats = mean_std(values)
+    if stats is None:
+        return "-"
+    pattern = "{:+.2f}" if signed else "{:.2f}"
+    return pattern.format(stats[0]) + (f" ± {stats[1]:.2f}" if len(values) > 1 else "")
+
+
+def group_by(jobs: list[Job], keys: list[str]) -> dict[tuple[str, ...], list[Job]]:
+    groups: dict[tuple[str, ...], list[Job]] = defaultdict(list)
+    for job in jobs:
+        groups[tuple(job.overrides.get(k, "") for k in keys)].append(job)
+    return dict(sorted(groups.items(), key=lambda item: [_sort_key(v) for v in item[0]]))
+
+
+ACC_HEADERS = ["teacher %", "student %", "scratch %", "gain (points)"]
+
+
+def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
+    header = ["job", *keys, "status", *ACC_HEADERS, "student params", "wall time (s)"]
+    published = any(job.value("published_method_acc") is not None for job in jobs)
+    header += ["published %"] if published else []
+    rows = []
+    for job in jobs:
+        number = job.name.partition("_")[0]
+        row = [number if number.isdigit() else job.name, *(job.overrides.get(k, "") for k in keys), job.status]
+        row += [_cell(job.value(name), "{:+.2f}" if name == "gain" else "{:.2f}") for name in ACCURACIES]
+        row += [_cell(job.value("student_params"), "{:,}"), _cell(job.value("wall_time_s"), "{:.1f}")]
+        row += [_cell(job.value("published_method_acc"))] if published else []
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _seed_table(jobs: list[Job], keys: list[str]) -> str:
+    """One row per setting of the other swept keys: mean ± std over the seeds that completed."""
+    header = [*keys, "seeds (done/all)", *ACC_HEADERS, "student params", "wall time (s)"]
+    published = any(job.value("published_method_acc") is not None for job in jobs)
+    header += ["published %"] if published else []
+    rows = []
+    for values, members in group_by(jobs, keys).items():
+        done = [job for job in members if job.status == "completed"]
+        row = [*values, f"{len(done)}/{len(members)}"]
+        for name in ACCURACIES:
+            row.append(_spread([job.value(name) for job in done if job.value(name) is not None], signed=name == "gain"))
+        params = {job.value("student_params") for job in done} - {None}
+        row.append(_cell(params.pop(), "{:,}") if len(params) == 1 else "-")
+        row.append(_cell(statistics.mean(job.value("wall_time_s") for job in done), "{:.1f}") if done else "-")
+        row += [_cell(next((job.value("published_method_acc") for job in members), None))] if published else []
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def summary_markdown(jobs: list[Job], title: str) -> str:
+    keys = swept_keys(jobs)
+    counts = defaultdict(int)
+    for job in jobs:
+        counts[job.status] += 1
+    lines = [f"# Sweep {title}", ""]
+    lines.append(f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".")
+    common = common_overrides(jobs)
+    if common:
+        lines.append("Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items()) + ".")
+    recipes = {job.summary.get("recipe") for job in jobs} - {None}
+    if len(recipes) == 1:
+        lines.append(f"Recipe: `{recipes.pop()}`.")
+    lines += ["", "Accuracies are top-1 test accuracy in percent; gain = student (KD) - student trained from scratch."]
+    if "seed" in keys:
+        others = [key for key in keys if key != "seed"]
+        lines += ["Mean ± std over seeds (completed jobs only).", "", _seed_table(jobs, others)]
+    else:
+        lines += ["", _per_job_table(jobs, keys)]
+    failed = [job for job in jobs if job.status != "completed"]
+    if failed:
+        lines += ["", "## Jobs that did not complete", ""]
+        for job in failed:
+            number = job.name.partition("_")[0]
+            setting = ", ".join(f"{key}={job.overrides.get(key, '')}" for key in keys)
+            where = f"job {number} ({setting})" if number.isdigit() and setting else f"`{job.name}`"
+            lines.append(f"- {where}: {job.status}: {job.error or 'no error recorded'}")
+    return "\n".join(lines) + "\n"
+
+
+COMPARISON_FIELDS = [
+    ("status", "status", None),
+    ("strategy", "strategy", None),
+    ("recipe", "recipe", None),
+    ("teacher test acc %", "teacher_acc", "{:.2f}"),
+    ("student test acc %", "student_acc", "{:.2f}"),
+    ("scratch test acc %", "scratch_acc", "{:.2f}"),
+    ("gain (points)", "gain", "{:+.2f}"),
+    ("student params", "student_params", "{:,}"),
+    ("wall time (s)", "wall_time_s", "{:.1f}"),
+    ("published method acc %", "published_method_acc", "{:.2f}"),
+]
+
+
+def comparison_markdown(jobs: list[Job]) -> str:
+    """Runs side by side: one column per run, one row per field; the runs' paths below."""
+    names = [job.name if len(job.name) <= 40 else job.name[:38] + "…" for job in jobs]
+    rows = []
+    for label, name, pattern in COMPARISON_FIELDS:
+        cells = [job.value(name) for job in jobs]
+        if name == "published_method_acc" and all(c is None for c in cells):
+            continue
+        rows.append([label, *(_cell(c, pattern) if pattern else _cell(c) for c in cells)])
+    if any(job.error for job in jobs):
+        rows.append(["error", *(_cell(job.error) for job in jobs)])
+    paths = "\n".join(f"- {name}: `{job.path}`" for name, job in zip(names, jobs))
+    return markdown_table(["", *names], rows) + "\n\nRuns:\n\n" + paths + "\n"
