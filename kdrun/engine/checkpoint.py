@@ -52,9 +52,14 @@ def model_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, what: str) -> dict[str, Any]:
+    """Load the weights of ``path`` into ``model``, in kdrun's key layout or a reference code's
+    (RepDistiller's released CIFAR teachers), whichever the keys are in."""
+    # Imported here: kdrun.models imports kdrun.config, which imports this module.
+    from kdrun.models.reference import in_model_layout
+
     obj = load(path, what)
     try:
-        model.load_state_dict(model_state(obj))
+        model.load_state_dict(in_model_layout(model, model_state(obj), f"{what} {path}"))
     except (RuntimeError, AttributeError) as err:
         first = str(err).strip().splitlines()
         raise CheckpointError(

@@ -3,6 +3,7 @@
 Parameter counts match the reference exactly; the modules are renamed to kdrun's tap names:
 ``stem`` -> ``stage1`` .. ``stage3`` -> ``embedding`` (pooled, flat features) -> ``fc``.
 The stage outputs are the post-ReLU block outputs (the reference's ``f1..f3``, not its preact).
+``reference_key`` maps the reference's state-dict keys to these names (its released teachers load).
 """
 
 from functools import partial
@@ -10,6 +11,7 @@ from functools import partial
 from torch import nn
 
 from kdrun.errors import ConfigError
+from kdrun.models.cifar_common import image_shape, rename
 
 RESNET_WIDTHS = (16, 16, 32, 64)
 RESNET_X4_WIDTHS = (32, 64, 128, 256)
@@ -73,18 +75,24 @@ class CifarResNet(nn.Module):
             x = getattr(self, f"stage{index}")(x)
         return self.fc(self.embedding(x))
 
+    # RepDistiller: conv1, bn1, layer{1..3}.{i}.(conv1|bn1|conv2|bn2|downsample.{0,1}), fc.
+    REFERENCE_RULES = [
+        (r"^conv1\.", "stem.0."),
+        (r"^bn1\.", "stem.1."),
+        (r"^layer(\d)\.(\d+)\.downsample\.", r"stage\1.\2.shortcut."),
+        (r"^layer(\d)\.", r"stage\1."),
+    ]
+
+    def reference_key(self, key: str) -> str:
+        return rename(key, self.REFERENCE_RULES)
+
 
 def cifar_resnet(name: str, depth: int, widths: tuple, num_classes: int, input_shape) -> CifarResNet:
     """A CIFAR ResNet of ``depth`` = 6n+2: stem width ``widths[0]``, stage widths ``widths[1:]``."""
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ConfigError(f"{name}: depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
-    try:
-        in_channels, _, _ = input_shape
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name}: input_shape must be (channels, height, width), got {input_shape!r}"
-        ) from None
-    return CifarResNet(depth, tuple(widths), num_classes, int(in_channels))
+    in_channels, _, _ = image_shape(name, input_shape)
+    return CifarResNet(depth, tuple(widths), num_classes, in_channels)
 
 
 # The family of the CRD paper's code; each is ``factory(num_classes, input_shape)``.
