@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdrun.config import register_resolvers
+from kdrun.config import metric_value, register_resolvers
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 log = logging.getLogger("kdrun")
@@ -87,7 +87,11 @@ def _app(cfg: DictConfig) -> float | None:
             sys.exit(1)
         _failures.append(1)
         return None
-    return summary["student"]["test_acc"]
+    # What a sweeper optimises (hparams_search=optuna): the summary.json value named by optimize_metric.
+    value = metric_value(summary, str(cfg.get("optimize_metric", "student.test_acc")))
+    if value is None:
+        log.warning("optimize_metric=%s: this run has no such value (e.g. figures.gain needs scratch)", cfg.get("optimize_metric"))
+    return value
 
 
 def _condense(text: str) -> str:

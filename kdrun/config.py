@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,9 +36,31 @@ def instantiate_user(cfg, what: str, **kwargs):
         raise ConfigError(f"cannot build {what}: {cause or err}") from err
 
 
+def auto_device(cuda_count: int, job_num: int | None) -> str:
+    """What ``device=auto`` means: the CPU without CUDA; ``cuda`` for a single run; in a multirun
+    with several visible GPUs, job n on ``cuda:{n % count}``, so parallel jobs (the joblib
+    launcher) spread over the GPUs."""
+    if cuda_count < 1:
+        return "cpu"
+    if job_num is None or cuda_count == 1:
+        return "cuda"
+    return f"cuda:{job_num % cuda_count}"
+
+
+def _multirun_job_num() -> int | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device(auto_device(count, _multirun_job_num() if count > 1 else None))
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -57,8 +81,44 @@ def _number(cfg: DictConfig, key: str, kind=float):
     return value
 
 
+# summary.json values a job can hand to a sweeper (``optimize_metric``; the Optuna sweeper maximises it).
+OPTIMIZE_METRICS = (
+    "student.test_acc", "student.best_val_acc", "figures.gain", "figures.retention", "figures.compression",
+    "figures.speedup", "teacher.test_acc", "scratch.test_acc",
+)
+
+
+def validate_optimize_metric(cfg: DictConfig) -> str:
+    metric = cfg.get("optimize_metric", OPTIMIZE_METRICS[0])
+    if metric not in OPTIMIZE_METRICS:
+        raise ConfigError(f"optimize_metric={metric} is not a known metric; use one of {', '.join(OPTIMIZE_METRICS)}")
+    return metric
+
+
+class SweepCheck(Callback):
+    """Checks optimize_metric once before a multirun's first job: a bad name would otherwise
+    fail every trial of an Optuna search in turn. (Registered in conf/hydra/default.yaml.)"""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            validate_optimize_metric(config)
+        except ConfigError as err:
+            # Hydra turns a callback's exception into a warning; bad input ends the command instead.
+            sys.stderr.write(f"{err}\n")
+            sys.exit(err.exit_code)
+
+
+def metric_value(summary: dict, metric: str) -> float | None:
+    """The value at a dotted path of summary.json (None where the run did not produce it)."""
+    value = summary
+    for part in metric.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a user is likely to get wrong; raise ConfigError naming field, value and what is allowed."""
+    validate_optimize_metric(cfg)
     alpha = _number(cfg, "alpha")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha={alpha} is outside [0, 1] (the weight of the distillation term)")

@@ -126,7 +126,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
             strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
             summary["strategy"] = str(cfg.strategy.name)
-            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog(run_dir / "metrics.jsonl"))
+            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog.for_run(run_dir, cfg.get("logger")))
             sections = strategy.run(ctx)
             trained = sections.pop("_models")
             summary.update(sections)

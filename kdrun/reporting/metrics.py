@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig
 
 
 def _clean(value: Any) -> Any:
@@ -17,16 +20,50 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class TensorBoardSink:
+    """TensorBoard event files beside metrics.jsonl: every numeric value of a row as a scalar
+    tagged ``<model>/<split>/<key>`` at step = epoch (``logger=tensorboard``)."""
+
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard"):
+        from torch.utils.tensorboard import SummaryWriter  # only when asked for: a slow import
+
+        self.log_dir = Path(run_dir) / subdir
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        weakref.finalize(self, self.writer.close)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not isinstance(row.get("epoch"), int):
+            return
+        prefix = f"{row.get('model', 'run')}/{row.get('split', 'all')}"
+        for key, value in row.items():
+            if key not in ("epoch", "model", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, global_step=row["epoch"])
+        self.writer.flush()  # rows come once per epoch; flushing keeps a killed run's curves
+
+
 class MetricsLog:
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, sink: TensorBoardSink | None = None):
         self.path = Path(path) if path is not None else None
+        self.sink = sink
+
+    @classmethod
+    def for_run(cls, run_dir: Path, logger: DictConfig | None = None) -> MetricsLog:
+        """``<run_dir>/metrics.jsonl``, plus the sink that the ``logger`` config group picks."""
+        from kdrun.config import instantiate_user
+
+        sink_cfg = logger.get("sink") if logger else None
+        sink = instantiate_user(sink_cfg, f"logger {logger.get('name')}")(run_dir) if sink_cfg else None
+        return cls(Path(run_dir) / "metrics.jsonl", sink)
 
     def write(self, **row: Any) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cleaned = {key: _clean(value) for key, value in row.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({key: _clean(value) for key, value in row.items()}) + "\n")
+            f.write(json.dumps(cleaned) + "\n")
+        if self.sink is not None:
+            self.sink.write(cleaned)
 
     def rows(self) -> list[dict[str, Any]]:
         if self.path is None or not self.path.exists():

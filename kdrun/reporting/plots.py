@@ -21,6 +21,8 @@ from kdrun.reporting.sweep import Job, as_number, group_by, mean_std, swept_keys
 log = logging.getLogger(__name__)
 
 CURVES_PER_PAGE = 12
+MAX_GRID = 12  # more distinct values than this: a search over an interval, not a grid
+MAX_LINES = 8
 TEST_LABELS = (("student", "student_acc"), ("scratch", "scratch_acc"), ("teacher", "teacher_acc"))
 MODEL_STYLE = {"student": "tab:blue", "scratch": "tab:green", "teacher": "tab:red"}
 
@@ -51,26 +53,30 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     log_scale = temperatures[0] > 0 and temperatures[-1] / temperatures[0] >= 8
     series = group_by(done, series_keys)
-    for number, (values, members) in enumerate(series.items()):
-        points = []
-        for T_text, runs in group_by(members, ["T"]).items():
-            stats = mean_std([job.value("student_acc") for job in runs])
-            points.append((as_number(T_text[0]), *stats))
-        points.sort()
-        # Each series is nudged sideways a little so that error bars do not hide each other.
-        nudge = 0.015 * (number - (len(series) - 1) / 2)
-        span = temperatures[-1] - temperatures[0]
-        xs = [x * 2 ** (nudge * 4) if log_scale else x + nudge * span for x, _, _ in points]
-        ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points] if "seed" in keys else None, marker="o",
-                    capsize=4, linewidth=1.5, label=_label(series_keys, values))
+    if len(series) > MAX_LINES or len(temperatures) > MAX_GRID:
+        _scatter_trials(ax, fig, done, series_keys)  # a random or Optuna search: one point per job
+    else:
+        for number, (values, members) in enumerate(series.items()):
+            points = []
+            for T_text, runs in group_by(members, ["T"]).items():
+                stats = mean_std([job.value("student_acc") for job in runs])
+                points.append((as_number(T_text[0]), *stats))
+            points.sort()
+            # Each series is nudged sideways a little so that error bars do not hide each other.
+            nudge = 0.015 * (number - (len(series) - 1) / 2)
+            span = temperatures[-1] - temperatures[0]
+            xs = [x * 2 ** (nudge * 4) if log_scale else x + nudge * span for x, _, _ in points]
+            ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points] if "seed" in keys else None,
+                        marker="o", capsize=4, linewidth=1.5, label=_label(series_keys, values))
     scratch = _mean_of(done, "scratch_acc")
     if scratch is not None:
         ax.axhline(scratch, color="gray", linestyle="--", linewidth=1, label=f"scratch student ({scratch:.1f}%)")
     if log_scale:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(temperatures)
-    ax.set_xticklabels([f"{t:g}" for t in temperatures])
-    ax.minorticks_off()
+    if len(temperatures) <= MAX_GRID:
+        ax.set_xticks(temperatures)
+        ax.set_xticklabels([f"{t:g}" for t in temperatures])
+        ax.minorticks_off()
     seeds = f", mean ± std over {len(set(j.overrides.get('seed') for j in done))} seeds" if "seed" in keys else ""
     teacher = _mean_of(done, "teacher_acc")
     teacher_text = f"\nteacher test accuracy {teacher:.1f}%" if teacher is not None else ""
@@ -82,6 +88,18 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _scatter_trials(ax, fig, done: list[Job], series_keys: list[str]) -> None:
+    xs = [as_number(job.overrides["T"]) for job in done]
+    ys = [job.value("student_acc") for job in done]
+    colour_key = next((key for key in series_keys if _numeric_values(done, key)), None)
+    if colour_key is None:
+        ax.scatter(xs, ys, s=30, label="one point per job")
+        return
+    points = ax.scatter(xs, ys, c=[as_number(job.overrides[colour_key]) for job in done], cmap="viridis", s=30,
+                        label="one point per job")
+    fig.colorbar(points, ax=ax, label=colour_key)
+
+
 def heatmaps_T_alpha(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     keys = swept_keys(jobs)
     done = [job for job in jobs if job.status == "completed"]
@@ -91,6 +109,10 @@ def heatmaps_T_alpha(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     temperatures, alphas = _numeric_values(done, "T"), _numeric_values(done, "alpha")
     if not temperatures or not alphas:
         log.info("T x alpha heatmap skipped: T or alpha has non-numeric values")
+        return []
+    cells = {(job.overrides["T"], job.overrides["alpha"]) for job in done}
+    if len(temperatures) > MAX_GRID or len(alphas) > MAX_GRID or len(cells) < 0.5 * len(temperatures) * len(alphas):
+        log.info("T x alpha heatmap skipped: the jobs do not fill a T x alpha grid (a random or Optuna search?)")
         return []
     other_keys = [key for key in keys if key not in ("T", "alpha", "seed")]
     paths = []

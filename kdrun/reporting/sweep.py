@@ -185,6 +185,12 @@ def group_by(jobs: list[Job], keys: list[str]) -> dict[tuple[str, ...], list[Job
 ACC_HEADERS = ["teacher %", "student %", "scratch %", "gain (points)"]
 
 
+def _short(text: str) -> str:
+    """Override values as a table shows them: 0.3453333447543775 -> 0.3453 (summary.csv keeps them whole)."""
+    number = as_number(text)
+    return f"{number:.4g}" if number is not None and len(text) > 8 else text
+
+
 def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
     header = ["job", *keys, "status", *ACC_HEADERS, "student params", "wall time (s)"]
     published = any(job.value("published_method_acc") is not None for job in jobs)
@@ -192,7 +198,7 @@ def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
     rows = []
     for job in jobs:
         number = job.name.partition("_")[0]
-        row = [number if number.isdigit() else job.name, *(job.overrides.get(k, "") for k in keys), job.status]
+        row = [number if number.isdigit() else job.name, *(_short(job.overrides.get(k, "")) for k in keys), job.status]
         row += [_cell(job.value(name), "{:+.2f}" if name == "gain" else "{:.2f}") for name in ACCURACIES]
         row += [_cell(job.value("student_params"), "{:,}"), _cell(job.value("wall_time_s"), "{:.1f}")]
         row += [_cell(job.value("published_method_acc"))] if published else []
@@ -208,7 +214,7 @@ def _seed_table(jobs: list[Job], keys: list[str]) -> str:
     rows = []
     for values, members in group_by(jobs, keys).items():
         done = [job for job in members if job.status == "completed"]
-        row = [*values, f"{len(done)}/{len(members)}"]
+        row = [*map(_short, values), f"{len(done)}/{len(members)}"]
         for name in ACCURACIES:
             row.append(_spread([job.value(name) for job in done if job.value(name) is not None], signed=name == "gain"))
         params = {job.value("student_params") for job in done} - {None}
