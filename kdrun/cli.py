@@ -9,7 +9,7 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from kdrun.config import metric_value, register_resolvers
 from kdrun.errors import ConfigError, Interrupted, KdrunError
@@ -68,6 +68,13 @@ def _app(cfg: DictConfig) -> float | None:
     from kdrun.run import run  # the heavy imports wait until the config is known to be good
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    # The group options (loss=crd, ...) are known only to Hydra; kept in the config, they are saved
+    # with the run (and survive resume), and experiments pick their published number by them.
+    with open_dict(cfg):
+        cfg.choices = {
+            group: str(option) for group, option in HydraConfig.get().runtime.choices.items()
+            if option is not None and not group.startswith("hydra")
+        }
     try:
         if cfg.get("resume"):
             _check_resume_overrides()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from conftest import FAST, make_cfg, read_metrics, read_summary
 from kdrun.engine import checkpoint
@@ -73,7 +74,9 @@ def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path):
 
 
 def test_experiment_prints_published_numbers_beside_ours(tmp_path):
-    cfg = make_cfg("experiment=cifar100_resnet32x4_resnet8x4", "dataset=fake", "epochs=1", "dataset.source.num_train=64", "dataset.source.num_test=32")
+    cfg = make_cfg("experiment=crd_resnet32x4_resnet8x4", "dataset=fake", "epochs=1", "dataset.source.num_train=64", "dataset.source.num_test=32")
+    with open_dict(cfg):
+        cfg.choices = {"loss": "kd"}  # what the kdrun command adds from Hydra's group choices
     summary = run(cfg, tmp_path)
     assert summary["published"]["method_acc"] == 73.33
     assert "published (Tian et al." in (tmp_path / "kdrun.log").read_text()

@@ -79,6 +79,17 @@ def _fmt(value: Any, pattern: str, missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
 
 
+def _published_method(published: dict[str, Any]) -> str:
+    """The paper's number for the method run here. Experiments that list ``methods`` select
+    ``method_acc`` by ``method``, the loss chosen on the command line (``choices.loss``)."""
+    method, acc = published.get("method"), published.get("method_acc")
+    if method is None:
+        return f"this method {_fmt(acc, '{:.2f}')}"
+    if acc is None:
+        return f"this method ({method}): no published number"
+    return f"this method ({method}) {acc:.2f}"
+
+
 def headline(summary: dict[str, Any]) -> str:
     """A short table of the run's outcome, for the terminal and the log."""
     student, teacher, scratch, figures = summary["student"], summary.get("teacher"), summary.get("scratch"), summary["figures"]
@@ -103,6 +114,6 @@ def headline(summary: dict[str, Any]) -> str:
     if published:
         lines.append(
             f"published ({published.get('source', 'paper')}): teacher {_fmt(published.get('teacher_acc'), '{:.2f}')}, "
-            f"student {_fmt(published.get('student_acc'), '{:.2f}')}, this method {_fmt(published.get('method_acc'), '{:.2f}')}"
+            f"student {_fmt(published.get('student_acc'), '{:.2f}')}, {_published_method(published)}"
         )
     return "\n".join(lines)

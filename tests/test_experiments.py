@@ -1,0 +1,120 @@
+"""The CRD paper baselines (``conf/experiment/crd_*``) and the teacher-only strategy, on fake CIFAR-100-shaped data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import open_dict
+
+from conftest import CONF_DIR, kdrun_cli, make_cfg, read_summary
+from kdrun.run import run
+
+EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("crd_*.yaml"))
+# CIFAR-100's shape, a handful of samples: one optimiser step per model.
+FAKE_CIFAR100 = [
+    "dataset=fake",
+    "dataset.source.num_classes=100",
+    "dataset.source.image_size=32",
+    "dataset.source.channels=3",
+    "dataset.source.num_train=4",
+    "dataset.source.num_test=4",
+    "dataset.batch_size=4",
+    "epochs=1",
+    "teacher_training.epochs=1",
+]
+PAPER_METHODS = {"ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "crd", "crd_kd", "dkd"}
+LIGHT_STUDENTS = ("mobilenetv2", "shufflenetv1", "shufflenetv2")
+
+
+def with_loss_choice(cfg, loss: str):
+    """What ``kdrun`` (cli._app) adds from Hydra's group choices; ``make_cfg`` runs outside Hydra."""
+    with open_dict(cfg):
+        cfg.choices = {"loss": loss}
+    return cfg
+
+
+def test_the_papers_thirteen_cifar100_pairs_are_there():
+    assert len(EXPERIMENTS) == 13
+    assert {"crd_wrn_40_2_wrn_16_2", "crd_resnet32x4_resnet8x4", "crd_vgg13_mobilenetv2", "crd_wrn_40_2_shufflenetv1"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_has_the_published_recipe_and_numbers(experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    teacher, student = cfg.teacher.arch, cfg.student.arch
+    assert experiment == f"crd_{teacher}_{student}" and cfg.name == experiment
+    assert cfg.dataset.name == "cifar100" and cfg.dataset.batch_size == 64 and cfg.epochs == 240
+    assert cfg.optim.lr == (0.01 if student in LIGHT_STUDENTS else 0.05)
+    assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 5.0e-4)
+    assert list(cfg.sched.milestones) == [150, 180, 210] and cfg.sched.gamma == 0.1
+    # The teacher always gets the teacher recipe, also when the student's lr is 0.01.
+    assert cfg.teacher_training.optim.lr == 0.05 and cfg.teacher_training.epochs == 240
+    published = cfg.published
+    methods = dict(published.methods)
+    assert set(methods) <= PAPER_METHODS and {"kd", "crd", "crd_kd"} <= set(methods)
+    assert methods["ce"] == published.student_acc
+    assert all(40.0 < value < 90.0 for value in [published.teacher_acc, *methods.values()])
+    assert published.method is None and published.method_acc is None  # no loss choice outside the CLI
+    assert with_loss_choice(cfg, "crd").published.method_acc == methods["crd"]
+    assert with_loss_choice(cfg, "hidden_mse").published.method_acc is None
+
+
+def test_lr_001_experiments_share_the_cached_teacher_of_lr_005_ones():
+    from kdrun.teachers import cache_key
+
+    keys = set()
+    for experiment in ("crd_resnet32x4_resnet8x4", "crd_resnet32x4_shufflenetv1", "crd_resnet32x4_shufflenetv2"):
+        cfg = make_cfg(f"experiment={experiment}")
+        keys.add(cache_key(cfg.teacher, cfg.dataset, cfg.seed, cfg.teacher_training))
+    assert len(keys) == 1
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_one_step_and_reports_the_published_number(experiment, tmp_path):
+    cfg = with_loss_choice(make_cfg(f"experiment={experiment}", *FAKE_CIFAR100), "kd")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert summary["dataset"]["num_classes"] == 100 and summary["dataset"]["input_shape"] == [3, 32, 32]
+    assert summary["teacher"]["arch"] == cfg.teacher.arch and summary["student"]["arch"] == cfg.student.arch
+    published = summary["published"]
+    assert published["method"] == "kd" and published["method_acc"] == cfg.published.methods.kd
+    assert read_summary(tmp_path)["published"]["method_acc"] == published["method_acc"]
+    assert f"this method (kd) {published['method_acc']:.2f}" in (tmp_path / "kdrun.log").read_text()
+
+
+def test_method_without_published_number_says_so(tmp_path):
+    cfg = with_loss_choice(make_cfg("experiment=crd_resnet110_resnet20", "loss=dkd", *FAKE_CIFAR100), "dkd")
+    summary = run(cfg, tmp_path)
+    assert summary["published"]["method"] == "dkd" and summary["published"]["method_acc"] is None
+    assert "this method (dkd): no published number" in (tmp_path / "kdrun.log").read_text()
+
+
+def test_teacher_strategy_trains_and_caches_the_teacher_for_a_later_distillation(tmp_path):
+    overrides = ["experiment=crd_resnet32x4_resnet8x4", *FAKE_CIFAR100, "seed=11"]
+    only_teacher = run(make_cfg(*overrides, "strategy=teacher"), tmp_path / "teacher")
+    assert only_teacher["strategy"] == "teacher" and only_teacher["status"] == "completed"
+    assert only_teacher["teacher"]["source"] == "trained" and only_teacher["scratch"] is None
+    assert only_teacher["student"]["arch"] == "resnet32x4"
+    assert only_teacher["student"]["params"] == only_teacher["teacher"]["params"] == 7_433_860
+    assert only_teacher["student"]["test_acc"] == only_teacher["teacher"]["test_acc"]
+    assert not (tmp_path / "teacher" / "checkpoints" / "last.pt").exists()  # no student was trained
+
+    distilled = run(make_cfg(*overrides), tmp_path / "student")
+    assert distilled["teacher"]["source"] == "cache"
+    assert distilled["teacher"]["path"] == only_teacher["teacher"]["path"]
+    assert distilled["teacher"]["test_acc"] == only_teacher["teacher"]["test_acc"]
+
+
+def test_command_line_loss_choice_selects_the_published_number(tmp_path):
+    result = kdrun_cli(
+        "experiment=crd_resnet32x4_shufflenetv1", "loss=crd", "loss.crd.nce_k=2", *FAKE_CIFAR100,
+        "hydra.run.dir=run", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = read_summary(tmp_path / "run")
+    assert summary["published"]["method"] == "crd" and summary["published"]["method_acc"] == 75.11
+    assert "this method (crd) 75.11" in result.stdout + result.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config_resolved.yaml").read_text())
+    assert saved["choices"]["loss"] == "crd" and saved["choices"]["student"] == "shufflenetv1"
