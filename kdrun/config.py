@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.engine import checkpoint
 from kdrun.errors import ConfigError, KdrunError
@@ -138,9 +139,79 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"grad_clip={cfg.grad_clip} must be > 0, or null for no clipping")
     if cfg.scratch not in (True, False, "auto"):
         raise ConfigError(f"scratch={cfg.scratch!r} must be true, false or auto")
+    validate_schedule(cfg)
     resolve_device(str(cfg.device))
     given = cfg.teacher.get("checkpoint")
     if given:
         if not Path(os.path.expanduser(str(given))).is_file():
             raise ConfigError(f"teacher.checkpoint={given} does not exist")
         checkpoint.load(given, "teacher.checkpoint")  # corrupt files fail here, before any work
+
+
+def validate_schedule(cfg: DictConfig) -> None:
+    from kdrun.engine.schedule import RAMPS
+
+    for knob, spec in (cfg.get("schedule") or {}).items():
+        where = f"schedule.{knob}"
+        if spec.get("kind") not in RAMPS:
+            raise ConfigError(f"{where}.kind={spec.get('kind')!r} must be one of {', '.join(RAMPS)}")
+        if spec.get("per", "epoch") not in ("epoch", "stage"):
+            raise ConfigError(f"{where}.per={spec.get('per')!r} must be epoch or stage")
+        if _number(cfg, f"{where}.steps", int) < 1:
+            raise ConfigError(f"{where}.steps={spec.steps} must be >= 1")
+        for end in ("start", "end"):
+            value = _number(cfg, f"{where}.{end}")
+            if knob == "alpha" and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{where}.{end}={value} is outside [0, 1]")
+            if knob == "T" and value <= 0:
+                raise ConfigError(f"{where}.{end}={value} must be > 0")
+            if spec.kind == "exp" and value <= 0:
+                raise ConfigError(f"{where}.{end}={value} must be > 0 for an exp ramp")
+
+
+# Strategy keys that list models by their option name in a config group.
+MODEL_LISTS = {"peers": "student", "chain": "student", "teachers": "teacher"}
+
+
+def group_option(group: str, option: str) -> dict:
+    """The config of ``option`` in ``group`` (e.g. student ``cnn``), from the same search
+    path as the running app (so ``--config-dir`` options work too)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def pick() -> dict:
+        composed = compose(config_name="train", overrides=[f"{group}={option}"])
+        return OmegaConf.to_container(composed[group], resolve=True)
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return pick()
+        with initialize_config_dir(config_dir=str(importlib.resources.files("kdrun.conf")), version_base="1.3"):
+            return pick()
+    except (HydraException, OmegaConfBaseException) as err:
+        options = sorted(p.stem for p in (importlib.resources.files("kdrun.conf") / group).iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"no {group} option {option!r}; available: {', '.join(options)}") from err
+
+
+def expand_model_lists(cfg: DictConfig) -> None:
+    """Replace option names in ``strategy.peers/chain/teachers`` by their configs, in place,
+    so the saved config holds the models themselves (and a resumed run rebuilds the same)."""
+    for key, group in MODEL_LISTS.items():
+        listed = cfg.strategy.get(key)
+        if not OmegaConf.is_list(listed):
+            continue
+        expanded = []
+        for i, item in enumerate(listed):
+            if isinstance(item, str):
+                try:
+                    expanded.append(group_option(group, item))
+                except ConfigError as err:
+                    raise ConfigError(f"strategy.{key}[{i}]={item}: {err}") from None
+            elif OmegaConf.is_dict(item) and "_target_" in item and "arch" in item:
+                expanded.append(item)
+            else:
+                raise ConfigError(f"strategy.{key}[{i}]={item!r} must be a {group} option name (or a model config with arch and _target_)")
+        with open_dict(cfg):
+            cfg.strategy[key] = expanded

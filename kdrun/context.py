@@ -23,13 +23,14 @@ class RunContext:
     device: torch.device
     metrics: MetricsLog
 
-    def build_model(self, model_cfg: DictConfig) -> nn.Module:
-        """Build seeded with ``cfg.seed``, so the distilled and the scratch student start identical."""
-        torch.manual_seed(int(self.cfg.seed))
+    def build_model(self, model_cfg: DictConfig, seed: int | None = None) -> nn.Module:
+        """Build seeded with ``cfg.seed`` (or ``seed``), so the distilled and the scratch
+        student start identical."""
+        torch.manual_seed(int(self.cfg.seed) if seed is None else seed)
         return models.build(model_cfg, self.data.num_classes, self.data.input_shape)
 
-    def fit(self, task, spec: FitSpec, label: str, ckpt_dir: Path, meta: dict) -> FitResult:
+    def fit(self, task, spec: FitSpec, label: str, ckpt_dir: Path, meta: dict, title: str | None = None) -> FitResult:
         return fit(
             task, self.data, spec, label=label, ckpt_dir=ckpt_dir, metrics=self.metrics,
-            device=self.device, seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta,
+            device=self.device, seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta, title=title,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -33,9 +35,17 @@ class DistillTask:
     Use as a context manager: feature taps are hooked on entry and removed on exit.
     """
 
-    def __init__(self, student: nn.Module, recipe: WeightedSum, teacher: nn.Module | None = None):
-        check_recipe(recipe, student, teacher)
-        self.student, self.recipe = student, recipe
+    def __init__(
+        self,
+        student: nn.Module,
+        recipe: WeightedSum,
+        teacher: nn.Module | None = None,
+        knobs: Callable[[int, int], dict[str, float]] | None = None,
+        check: bool = True,
+    ):
+        if check:
+            check_recipe(recipe, student, teacher)
+        self.student, self.recipe, self.knobs = student, recipe, knobs
         self.teacher = freeze(teacher) if teacher is not None else None
         self.student_taps = FeatureTaps(student, recipe.taps("student"), owner="student")
         self.teacher_taps = (
@@ -52,6 +62,14 @@ class DistillTask:
         self.student_taps.__exit__(*exc)
         if self.teacher_taps is not None:
             self.teacher_taps.__exit__(*exc)
+
+    def before_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Apply the scheduled knobs (``T``, ``alpha``) of this epoch; returns them for the log."""
+        return self.knobs(epoch, epochs) if self.knobs is not None else {}
+
+    def extra_evaluations(self) -> dict[str, nn.Module]:
+        """Models besides the student whose validation accuracy the loop logs each epoch."""
+        return {}
 
     def to(self, device: torch.device) -> DistillTask:
         for module in (self.student, self.recipe, self.teacher):

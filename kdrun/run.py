@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import data as datasets
-from kdrun.config import instantiate_user, register_resolvers, resolve_device, validate
+from kdrun.config import expand_model_lists, instantiate_user, register_resolvers, resolve_device, validate
 from kdrun.context import RunContext
 from kdrun.engine.loop import STOP
 from kdrun.errors import ConfigError, Interrupted, KdrunError
@@ -31,12 +31,21 @@ def hydra_run_dir() -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a run left checkpoints: ``checkpoints/last.pt``, or a stage's of a multi-stage strategy."""
+    return any((run_dir / "checkpoints").glob("**/last.pt"))
+
+
 def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The saved config of the run to resume, and its directory."""
+    """The saved config of the run to resume, and its directory.
+
+    ``config.yaml`` keeps the interpolations (schedules re-resolve ``${T}`` and
+    ``${alpha}`` per epoch); runs from before it existed resume from ``config_resolved.yaml``.
+    """
     run_dir = Path(os.path.expanduser(str(cfg.resume))).resolve()
-    saved = run_dir / "config_resolved.yaml"
-    if not (run_dir / "checkpoints" / "last.pt").is_file() or not saved.is_file():
-        raise ConfigError(f"resume={cfg.resume}: no kdrun run there ({saved} or checkpoints/last.pt is missing)")
+    saved = next((path for path in (run_dir / "config.yaml", run_dir / "config_resolved.yaml") if path.is_file()), None)
+    if not has_checkpoints(run_dir) or saved is None:
+        raise ConfigError(f"resume={cfg.resume}: no kdrun run there (config_resolved.yaml or checkpoints/last.pt is missing)")
     resumed = OmegaConf.load(saved)
     resumed.resume = str(run_dir)
     return resumed, run_dir
@@ -100,10 +109,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     started = time.time()
     summary: dict[str, Any] = {
         "status": "running", "error": None, "name": cfg.get("name"), "strategy": None, "dataset": None,
-        "student": None, "teacher": None, "scratch": None, "wall_time_s": None, "run_dir": str(run_dir),
+        "student": None, "teacher": None, "scratch": None, "models": {}, "wall_time_s": None, "run_dir": str(run_dir),
         "seed": cfg.get("seed"), "versions": versions(),
     }
-    if not cfg.get("resume") and (run_dir / "checkpoints" / "last.pt").exists():
+    if not cfg.get("resume") and has_checkpoints(run_dir):
         # Raised before summary.json is touched: the earlier run's files stay as they are.
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} "
@@ -112,8 +121,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     with run_log(run_dir), stop_on_signals():
         try:
             validate(cfg)
+            expand_model_lists(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)
             (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
             device = resolve_device(str(cfg.device))
             torch.manual_seed(int(cfg.seed))
             data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=device.type == "cuda")

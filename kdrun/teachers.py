@@ -55,7 +55,9 @@ def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:
     return identity
 
 
-def cache_key(model_cfg: DictConfig, dataset_cfg: DictConfig, seed: int, training: DictConfig) -> str:
+def cache_key(
+    model_cfg: DictConfig, dataset_cfg: DictConfig, seed: int, training: DictConfig, data_variant: dict | None = None
+) -> str:
     identity = {
         "version": CACHE_VERSION,
         "model": factory_options(model_cfg),
@@ -63,6 +65,8 @@ def cache_key(model_cfg: DictConfig, dataset_cfg: DictConfig, seed: int, trainin
         "seed": seed,
         "training": OmegaConf.to_container(training, resolve=True),
     }
+    if data_variant:
+        identity["data_variant"] = data_variant
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,8 +81,17 @@ def fit_spec(training: DictConfig) -> FitSpec:
     )
 
 
-def provision(role: str, model: nn.Module, model_cfg: DictConfig, training: DictConfig, ctx) -> Provisioned:
-    """Give ``model`` (freshly built, seeded) trained weights and report where they came from."""
+def provision(
+    role: str, model: nn.Module, model_cfg: DictConfig, training: DictConfig, ctx,
+    seed: int | None = None, data_variant: dict | None = None,
+) -> Provisioned:
+    """Give ``model`` (freshly built, seeded) trained weights and report where they came from.
+
+    ``seed`` (default ``cfg.seed``) tells apart several models of one arch (ensemble
+    members); ``data_variant`` describes training data that differs from the
+    configured dataset (e.g. its labelled share) and so belongs in the cache key.
+    """
+    seed = int(ctx.cfg.seed) if seed is None else seed
     given = model_cfg.get("checkpoint")
     if given:
         path = Path(os.path.expanduser(str(given))).resolve()
@@ -88,7 +101,7 @@ def provision(role: str, model: nn.Module, model_cfg: DictConfig, training: Dict
         log.info("%s: loaded from checkpoint %s (test acc %.2f%%)", role, path, test_acc)
         return Provisioned(model, "checkpoint", test_acc, None, path)
 
-    key = cache_key(model_cfg, ctx.cfg.dataset, int(ctx.cfg.seed), training)
+    key = cache_key(model_cfg, ctx.cfg.dataset, seed, training, data_variant)
     entry = Path(os.path.expanduser(str(ctx.cfg.paths.cache))) / "models" / f"{model_cfg.arch}_{ctx.data.name}_{key}"
     entry.mkdir(parents=True, exist_ok=True)
     final = entry / "model.pt"
@@ -109,7 +122,7 @@ def provision(role: str, model: nn.Module, model_cfg: DictConfig, training: Dict
         task = DistillTask(model, build_recipe(CE_ONLY))
         result = fit(
             task, ctx.data, fit_spec(training), label=role, ckpt_dir=entry / "work",
-            metrics=MetricsLog(entry / "metrics.jsonl"), device=ctx.device, seed=int(ctx.cfg.seed),
+            metrics=MetricsLog(entry / "metrics.jsonl"), device=ctx.device, seed=seed,
             amp=bool(ctx.cfg.amp), meta=meta,
         )
         test_acc, _ = evaluate(model, ctx.data.test, ctx.device)

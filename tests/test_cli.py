@@ -17,8 +17,10 @@ from kdrun.run import run
 def test_help_lists_groups_and_options(tmp_path):
     result = kdrun_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for line in ("dataset: cifar10, cifar100, digits, fake", "strategy: offline", "sched: cosine, multistep, none"):
+    for line in ("dataset: cifar10, cifar100, digits, fake", "sched: cosine, multistep, none"):
         assert line in result.stdout
+    strategy_line = next(line for line in result.stdout.splitlines() if line.startswith("strategy: "))
+    assert {"offline", "online", "born_again", "progressive", "self", "ensemble", "unlabeled"} <= set(strategy_line[10:].split(", "))
     loss_line = next(line for line in result.stdout.splitlines() if line.startswith("loss: "))
     assert {"ce", "kd", "dkd", "fitnet", "crd", "rkd", "hidden_cosine"} <= set(loss_line[6:].split(", "))
     assert "student: " in result.stdout and "small" in result.stdout and "resnet8x4" in result.stdout

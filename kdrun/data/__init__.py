@@ -54,6 +54,27 @@ class DataBundle:
         return replace(self, train=self.make_loader(WithIndex(self.train_set), True))
 
 
+    def with_train_set(self, train_set: Dataset) -> DataBundle:
+        """The same validation and test data around another training set."""
+        return replace(self, train=self.make_loader(train_set, True), train_set=train_set)
+
+
+class HiddenLabels(Dataset):
+    """``dataset`` with the labels of the samples in ``hidden`` replaced by -1 (unlabeled)."""
+
+    def __init__(self, dataset: Dataset, hidden: set[int]):
+        self.dataset, self.hidden = dataset, hidden
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        inputs, label, *rest = self.dataset[index]
+        if index in self.hidden:
+            label = torch.full_like(label, -1) if isinstance(label, torch.Tensor) else -1
+        return (inputs, label, *rest)
+
+
 class WithIndex(Dataset):
     def __init__(self, dataset: Dataset):
         self.dataset = dataset

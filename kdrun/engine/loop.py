@@ -93,13 +93,22 @@ def fit(
     seed: int,
     amp: bool = True,
     meta: dict[str, Any] | None = None,
+    title: str | None = None,
 ) -> FitResult:
     """Train ``task`` (see :class:`kdrun.distill.DistillTask`) for ``spec.epochs`` epochs.
 
     ``ckpt_dir/last.pt`` is written at every epoch end and, when present at the
     start, training carries on from it. ``best.pt`` holds the student with the
     best validation accuracy; ``meta`` (arch, config, ...) goes into both.
+    ``label`` names the model in metrics and seeds; ``title`` (default: the
+    label) is what the progress bar and the log call it, e.g. "generation 2/3".
+
+    Per epoch the task's ``before_epoch(epoch, epochs)`` sets scheduled knobs and
+    returns them for the log, and ``extra_evaluations()`` names further models
+    (peers, auxiliary heads, ensembles) whose validation accuracy is logged too.
+    Samples labelled ``< 0`` (hidden labels) do not count in training accuracy.
     """
+    title = title or label
     dtype = amp_dtype(device, amp)
     task.to(device)
     steps_per_epoch = len(data.train)
@@ -117,9 +126,10 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_val, history = state["epoch"], state["best_val_acc"], state["history"]
-        metrics.drop_after(label, start_epoch)
+        for name in (label, *task.extra_evaluations()):
+            metrics.drop_after(name, start_epoch)
         if start_epoch < spec.epochs:
-            log.info("Resuming %s from %s (epoch %d of %d)", label, last_path, start_epoch, spec.epochs)
+            log.info("Resuming %s from %s (epoch %d of %d)", title, last_path, start_epoch, spec.epochs)
 
     def save_last(epoch: int) -> None:
         checkpoint.save_atomic(
@@ -147,12 +157,13 @@ def fit(
             torch.manual_seed(epoch_seed(seed, label, epoch))
             if data.train.generator is not None:
                 data.train.generator.manual_seed(epoch_seed(seed, label, epoch))
+            knobs = task.before_epoch(epoch, spec.epochs)
             task.train()
             loss_sum = torch.zeros((), device=device)
             part_sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            bar = tqdm(data.train, desc=f"{label} {epoch}/{spec.epochs}", unit="batch", leave=False, disable=not show_bar, dynamic_ncols=True)
+            seen, labeled_seen = 0, torch.zeros((), device=device, dtype=torch.long)
+            bar = tqdm(data.train, desc=f"{title} epoch {epoch}/{spec.epochs}", unit="batch", leave=False, disable=not show_bar, dynamic_ncols=True)
             for step, batch in enumerate(bar, start=1):
                 inputs = batch[0].to(device, non_blocking=True)
                 labels = batch[1].to(device, non_blocking=True)
@@ -173,9 +184,11 @@ def fit(
                 loss_sum += total.detach().float() * batch_size
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value.detach().float() * batch_size
-                correct += (logits.detach().argmax(1) == labels).sum()
+                has_label = labels >= 0
+                correct += ((logits.detach().argmax(1) == labels) & has_label).sum()
+                labeled_seen += has_label.sum()
                 if STOP.is_set():
-                    raise Interrupted(f"{label} stopped in epoch {epoch}; last.pt holds epoch {epoch - 1}")
+                    raise Interrupted(f"{title} stopped in epoch {epoch}; last.pt holds epoch {epoch - 1}")
                 # Checking finiteness syncs the GPU, so do it every few steps, not every step.
                 if step % NONFINITE_CHECK_EVERY == 0 or step == steps_per_epoch:
                     if not torch.isfinite(loss_sum):
@@ -188,14 +201,16 @@ def fit(
                         bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
 
             val_acc, val_loss = evaluate(task.student, data.val, device, dtype)
+            extra_val = {name: evaluate(model, data.val, device, dtype) for name, model in task.extra_evaluations().items()}
             train_row = {
                 "epoch": epoch,
                 "model": label,
                 "split": "train",
-                "acc": 100.0 * correct.item() / seen,
+                "acc": 100.0 * correct.item() / max(labeled_seen.item(), 1),
                 "loss": loss_sum.item() / seen,
                 **{name: value.item() / seen for name, value in part_sums.items()},
                 "lr": optimizer.param_groups[0]["lr"],
+                **knobs,
                 "time_s": time.perf_counter() - epoch_start,
             }
             val_row = {"epoch": epoch, "model": label, "split": "val", "acc": val_acc, "loss": val_loss}
@@ -206,9 +221,14 @@ def fit(
             save_last(epoch)
             metrics.write(**train_row)
             metrics.write(**val_row)
+            for name, (acc, loss) in extra_val.items():
+                metrics.write(epoch=epoch, model=name, split="val", acc=acc, loss=loss)
+            others = "".join(f"  {name} {acc:.2f}" for name, (acc, _) in extra_val.items())
+            scheduled = "".join(f"  {knob} {value:.3g}" for knob, value in knobs.items())
             log.info(
-                "%s epoch %d/%d  loss %.4f  train_acc %.2f  val_acc %.2f  lr %.3g  %.1fs",
-                label, epoch, spec.epochs, train_row["loss"], train_row["acc"], val_acc, train_row["lr"], train_row["time_s"],
+                "%s epoch %d/%d  loss %.4f  train_acc %.2f  val_acc %.2f%s  lr %.3g%s  %.1fs",
+                title, epoch, spec.epochs, train_row["loss"], train_row["acc"], val_acc, others, train_row["lr"],
+                scheduled, train_row["time_s"],
             )
 
     final_val = history[-1]["val_acc"] if history else float("nan")

@@ -1,13 +1,14 @@
-"""Learning-rate schedules: pure functions of the step, wrapped in ``LambdaLR``.
+"""Schedules: learning rates (pure functions of the step, wrapped in ``LambdaLR``) and the
+``T``/``alpha`` knobs (pure functions of the epoch or stage, see :func:`knob_values`).
 
-Configs build them with ``_partial_: true``; the engine calls
-``factory(optimizer, epochs=..., steps_per_epoch=...)``. They step once per batch.
+Learning-rate configs use ``_partial_: true``; the engine calls
+``factory(optimizer, epochs=..., steps_per_epoch=...)`` and steps them once per batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -37,3 +38,50 @@ def multistep(optimizer: Optimizer, epochs: int, steps_per_epoch: int, milestone
 
 def constant(optimizer: Optimizer, epochs: int, steps_per_epoch: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: 1.0)
+
+
+# --- Knob schedules: T and alpha over epochs or stages -------------------------------
+
+RAMPS = ("constant", "linear", "cosine", "exp", "step")
+
+
+def ramp(kind: str, start: float, end: float, progress: float, steps: int = 1) -> float:
+    """The value at ``progress`` in [0, 1] of a ramp from ``start`` (0) to ``end`` (1).
+
+    ``linear`` and ``cosine`` interpolate; ``exp`` is geometric (both ends > 0);
+    ``step`` moves in ``steps`` equal jumps, reaching ``end`` in the last of
+    ``steps + 1`` equal stretches; ``constant`` stays at ``start``.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "constant":
+        return start
+    if kind == "linear":
+        fraction = progress
+    elif kind == "cosine":
+        fraction = 0.5 * (1.0 - math.cos(math.pi * progress))
+    elif kind == "exp":
+        return start * (end / start) ** progress
+    elif kind == "step":
+        fraction = min(math.floor(progress * (steps + 1)), steps) / steps
+    else:
+        raise ValueError(f"unknown ramp {kind!r}; choose one of {', '.join(RAMPS)}")
+    return start + (end - start) * fraction
+
+
+def progress_of(index: int, count: int) -> float:
+    """Position of item ``index`` (0-based) of ``count`` on [0, 1]: first 0, last 1."""
+    return index / (count - 1) if count > 1 else 0.0
+
+
+def knob_values(schedule: Mapping[str, Mapping], epoch: int, epochs: int, stage: int = 0, stages: int = 1) -> dict[str, float]:
+    """Each knob's value in ``epoch`` (1-based) of ``epochs``, in ``stage`` (0-based) of ``stages``.
+
+    ``schedule`` maps a knob (``T``, ``alpha``) to ``{kind, start, end, steps, per}``;
+    ``per: epoch`` ramps over the epochs of each stage, ``per: stage`` over the stages
+    of a multi-stage strategy (a progressive chain, born-again generations).
+    """
+    values = {}
+    for knob, spec in schedule.items():
+        position = progress_of(epoch - 1, epochs) if spec.get("per", "epoch") == "epoch" else progress_of(stage, stages)
+        values[knob] = float(ramp(spec["kind"], float(spec["start"]), float(spec["end"]), position, int(spec.get("steps", 1))))
+    return values

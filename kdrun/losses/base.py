@@ -21,6 +21,9 @@ class StepOutputs:
     # Training progress in epochs (e.g. 2.5 = half-way through the third epoch), for
     # terms with warm-ups or stages; None outside training (probe batches).
     progress: float | None = None
+    # Which samples carry a real label (unlabeled-data strategies); None = all of them.
+    # ``labels`` then holds the teacher's pseudo-labels for the others.
+    labeled: torch.Tensor | None = None
 
 
 class Term(nn.Module):

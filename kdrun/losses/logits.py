@@ -112,7 +112,11 @@ class CrossEntropy(Term):
         return f"CE(ls={self.label_smoothing:g})" if self.label_smoothing else "CE"
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
-        return F.cross_entropy(outputs.student_logits, outputs.labels, label_smoothing=self.label_smoothing)
+        if outputs.labeled is None:
+            return F.cross_entropy(outputs.student_logits, outputs.labels, label_smoothing=self.label_smoothing)
+        # Mean over the labelled samples only; a batch without any gives 0 (with a graph).
+        per_sample = F.cross_entropy(outputs.student_logits, outputs.labels, label_smoothing=self.label_smoothing, reduction="none")
+        return (per_sample * outputs.labeled).sum() / outputs.labeled.sum().clamp(min=1)
 
 
 class SoftTargets(Term):

@@ -53,6 +53,21 @@ class WeightedSum(nn.Module):
         total = sum((self.weights[name] * parts[f"loss/{name}"] for name in active), outputs.student_logits.sum() * 0)
         return total, parts
 
+    def retune(self, spec: Mapping[str, Mapping]) -> None:
+        """Take new weights and numeric settings (e.g. a scheduled ``T``) from a resolved
+        loss config of the same terms; see :func:`recipe_at`."""
+        for name, term_cfg in spec.items():
+            if name not in self.terms:
+                continue
+            self.weights[name] = float(term_cfg["weight"])
+            term = self.terms[name]
+            for key, value in term_cfg.items():
+                current = getattr(term, key, None)
+                if key in _PLACEMENT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if isinstance(current, (int, float)) and not isinstance(current, bool):
+                    setattr(term, key, type(current)(value))
+
     def __str__(self) -> str:
         def window(name: str) -> str:
             start, stop = self.windows[name]
@@ -63,6 +78,19 @@ class WeightedSum(nn.Module):
         return "L = " + " + ".join(
             f"{self.weights[name]:g}*{term.describe()}{window(name)}" for name, term in self.terms.items()
         )
+
+
+_PLACEMENT_KEYS = ("weight", "_target_", "start_epoch", "stop_epoch")
+
+
+def recipe_at(cfg: DictConfig, **knobs: float) -> dict:
+    """``cfg.loss`` resolved as if the top-level knobs (``T``, ``alpha``) had these values,
+    so a scheduled knob reaches every place a recipe refers to it (``${T}``, ``${alpha}``,
+    ``${one_minus:${alpha}}``)."""
+    variant = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for knob, value in knobs.items():
+        variant[knob] = value
+    return OmegaConf.to_container(variant.loss, resolve=True)
 
 
 def build_recipe(cfg: DictConfig | Mapping) -> WeightedSum:

@@ -96,7 +96,16 @@ def headline(summary: dict[str, Any]) -> str:
     rows = [("model", "arch", "params", "test acc %")]
     if teacher:
         rows.append(("teacher", teacher["arch"], f"{teacher['params']:,}", f"{teacher['test_acc']:.2f}"))
-    rows.append(("student (KD)", student["arch"], f"{student['params']:,}", f"{student['test_acc']:.2f}"))
+    # Multi-model strategies list every model they trained; the student is marked.
+    strategy = summary.get("strategy")
+    student_name = f"student ({'KD' if strategy in (None, 'offline') else strategy})"
+    models = {label: m for label, m in (summary.get("models") or {}).items()
+              if label not in ("teacher", "scratch") and not (teacher and m.get("checkpoint") == teacher.get("path"))}
+    for label, model in models.items():
+        name = student_name if label == "student" else f"{label} <- student" if label == student.get("model") else label
+        rows.append((name, model["arch"], f"{model['params']:,}", f"{model['test_acc']:.2f}"))
+    if not models:
+        rows.append((student_name, student["arch"], f"{student['params']:,}", f"{student['test_acc']:.2f}"))
     if scratch:
         rows.append(("student (scratch)", student["arch"], f"{student['params']:,}", f"{scratch['test_acc']:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

@@ -1,0 +1,113 @@
+"""Knob schedules (T, alpha) as pure functions, and how they reach a recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import FAST, make_cfg, read_metrics
+from kdrun.engine.schedule import knob_values, progress_of, ramp
+from kdrun.errors import ConfigError
+from kdrun.losses import build_recipe
+from kdrun.losses.recipe import recipe_at
+from kdrun.run import run
+
+
+def test_ramps_start_and_end_where_asked():
+    for kind in ("linear", "cosine", "exp", "step"):
+        assert ramp(kind, 10.0, 1.0, 0.0, steps=3) == pytest.approx(10.0)
+        assert ramp(kind, 10.0, 1.0, 1.0, steps=3) == pytest.approx(1.0)
+    assert ramp("constant", 4.0, 1.0, 0.7) == 4.0
+
+
+def test_ramp_midpoints():
+    assert ramp("linear", 0.5, 1.0, 0.5) == pytest.approx(0.75)
+    assert ramp("cosine", 10.0, 1.0, 0.5) == pytest.approx(5.5)  # cos(pi/2) = 0: half-way
+    assert ramp("cosine", 10.0, 1.0, 0.25) == pytest.approx(1.0 + 9.0 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert ramp("exp", 16.0, 1.0, 0.5) == pytest.approx(4.0)  # geometric mean
+    # step: 2 jumps over 3 equal stretches of [0, 1]
+    assert [ramp("step", 10.0, 0.0, p, steps=2) for p in (0.0, 0.3, 0.34, 0.66, 0.67, 1.0)] == pytest.approx(
+        [10.0, 10.0, 5.0, 5.0, 0.0, 0.0]
+    )
+    assert ramp("linear", 1.0, 2.0, 1.5) == 2.0  # clamped
+
+
+def test_unknown_ramp_is_an_error():
+    with pytest.raises(ValueError, match="unknown ramp 'wiggle'"):
+        ramp("wiggle", 1.0, 2.0, 0.5)
+
+
+def test_knob_values_per_epoch_and_per_stage():
+    schedule = {
+        "T": {"kind": "linear", "start": 8, "end": 2, "per": "epoch"},
+        "alpha": {"kind": "linear", "start": 0.5, "end": 1.0, "per": "stage"},
+    }
+    assert [progress_of(i, 4) for i in range(4)] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert progress_of(0, 1) == 0.0
+    assert knob_values(schedule, epoch=1, epochs=3, stage=0, stages=3) == pytest.approx({"T": 8.0, "alpha": 0.5})
+    assert knob_values(schedule, epoch=2, epochs=3, stage=1, stages=3) == pytest.approx({"T": 5.0, "alpha": 0.75})
+    assert knob_values(schedule, epoch=3, epochs=3, stage=2, stages=3) == pytest.approx({"T": 2.0, "alpha": 1.0})
+
+
+def test_recipe_at_re_resolves_T_and_alpha_everywhere_the_recipe_uses_them():
+    cfg = make_cfg("loss=kd", "T=4", "alpha=0.9")
+    spec = recipe_at(cfg, T=2.0, alpha=0.25)
+    assert spec["kd"]["T"] == 2.0 and spec["kd"]["weight"] == 0.25 and spec["ce"]["weight"] == pytest.approx(0.75)
+    assert cfg.T == 4  # the run's config is untouched
+
+    recipe = build_recipe(cfg.loss)
+    recipe.retune(spec)
+    assert recipe.weights == pytest.approx({"ce": 0.75, "kd": 0.25})
+    assert recipe.terms["kd"].T == 2.0
+    assert str(recipe) == "L = 0.75*CE + 0.25*KD(T=2)"
+
+
+def test_retune_leaves_weights_that_do_not_refer_to_alpha():
+    cfg = make_cfg("loss=dkd", "T=4")
+    recipe = build_recipe(cfg.loss)
+    recipe.retune(recipe_at(cfg, T=1.0, alpha=0.1))
+    assert recipe.weights == {"ce": 1.0, "dkd": 1.0}  # DKD's weights are its own (alpha/beta inside the term)
+    assert recipe.terms["dkd"].T == 1.0 and recipe.terms["dkd"].beta == 8.0
+
+
+def test_a_T_schedule_runs_and_is_logged_per_epoch(tmp_path):
+    cfg = make_cfg(*FAST, "epochs=3", "schedule.T.kind=linear", "schedule.T.start=8", "schedule.T.end=2",
+                   "schedule.alpha.kind=cosine", "schedule.alpha.start=0.5", "schedule.alpha.end=1.0")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    rows = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
+    assert [r["T"] for r in rows] == pytest.approx([8.0, 5.0, 2.0])
+    assert [r["alpha"] for r in rows] == pytest.approx([0.5, 0.75, 1.0])
+    # alpha = 1 in the last epoch: CE's weight is 0, so the total is the KD part alone.
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss/kd"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("schedule.T.kind=wiggle", "schedule.T.kind='wiggle' must be one of constant, linear"),
+        ("schedule.alpha.end=1.5", "schedule.alpha.end=1.5 is outside [0, 1]"),
+        ("schedule.T.start=0", "schedule.T.start=0 must be > 0"),
+        ("schedule.T.per=batch", "schedule.T.per='batch' must be epoch or stage"),
+        ("schedule.T.steps=0", "schedule.T.steps=0 must be >= 1"),
+    ],
+)
+def test_bad_schedules_are_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run(make_cfg(*FAST, override), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_masked_cross_entropy_counts_labelled_samples_only():
+    from kdrun.losses import StepOutputs
+    from kdrun.losses.logits import CrossEntropy
+
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    mask = torch.tensor([1.0, 0, 1, 0, 1, 0])
+    masked = CrossEntropy()(StepOutputs(student_logits=logits, labels=labels, labeled=mask))
+    expected = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
+    assert masked.item() == pytest.approx(expected.item())
+    none = CrossEntropy()(StepOutputs(student_logits=logits.requires_grad_(), labels=labels, labeled=torch.zeros(6)))
+    assert none.item() == 0.0 and none.requires_grad
