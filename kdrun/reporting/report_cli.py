@@ -62,12 +62,20 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             markdown = write_report(config.hydra.sweep.dir, plots=self.plots)
+            incomplete = [job for job in collect(config.hydra.sweep.dir) if job.status != "completed"]
         except Exception as err:  # noqa: BLE001 - the sweep's results matter more than its report
             log.warning("sweep report failed (%s: %s); rebuild it with: kdrun-report %s",
                         type(err).__name__, err, config.hydra.sweep.dir, exc_info=log.isEnabledFor(logging.DEBUG))
             return
         log.info("Sweep report:\n%s", markdown.read_text())
         log.info("Sweep table: %s (also summary.csv and plots in that folder)", markdown)
+        if incomplete:
+            from kdrun import cli
+
+            # Jobs that ran in other processes (joblib, submitit) could not record their failure
+            # for kdrun's exit status; their summary.json did.
+            if not cli._failures:
+                cli._failures.append(1)
 
 
 class _Parser(argparse.ArgumentParser):
