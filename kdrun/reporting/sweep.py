@@ -136,7 +136,7 @@ def write_csv(jobs: list[Job], path: str | Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["job", *keys, *CSV_FIELDS])
         for job in jobs:
-            cells = [job.value(name) for name in CSV_FIELDS]
+            cells = [round(v, 4) if isinstance(v, float) else v for v in (job.value(name) for name in CSV_FIELDS)]
             writer.writerow([job.name, *(job.overrides.get(k, "") for k in keys), *("" if c is None else c for c in cells)])
     return Path(path)
 
