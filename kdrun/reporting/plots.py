@@ -134,7 +134,7 @@ def heatmaps_T_alpha(jobs: list[Job], sweep_dir: Path) -> list[Path]:
         ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_xlabel("temperature T")
         ax.set_ylabel("alpha (KD weight)")
-        suffix = f" ({_label(other_keys, values)})" if other_keys else ""
+        suffix = f", {_label(other_keys, values)}" if other_keys else ""
         over = " over seeds" if "seed" in keys else ""
         ax.set_title(f"Mean student test accuracy (%){over}{suffix}", fontsize=10)
         fig.colorbar(image, ax=ax, label="student test accuracy (%)")
