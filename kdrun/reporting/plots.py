@@ -25,6 +25,7 @@ MAX_GRID = 12  # more distinct values than this: a search over an interval, not 
 MAX_LINES = 8
 TEST_LABELS = (("student", "student_acc"), ("scratch", "scratch_acc"), ("teacher", "teacher_acc"))
 MODEL_STYLE = {"student": "tab:blue", "scratch": "tab:green", "teacher": "tab:red"}
+LEGEND_COLUMNS = 6
 
 
 def _numeric_values(jobs: list[Job], key: str) -> list[float] | None:
@@ -159,6 +160,19 @@ def validation_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {model: sorted(points.items()) for model, points in curves.items()}
 
 
+def _model_colours(models: list[str]) -> dict[str, str]:
+    """One colour per model label across a figure: the usual ones fixed, the others (peers,
+    generations, assistants) from the rest of the palette."""
+    colours = {model: MODEL_STYLE[model] for model in models if model in MODEL_STYLE}
+    fixed = {matplotlib.colors.to_hex(c) for c in MODEL_STYLE.values()}
+    cycle = [matplotlib.colors.to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]]
+    spare = [c for c in cycle if c not in fixed]
+    spare = spare or ["tab:gray"]
+    for index, model in enumerate(m for m in models if m not in colours):
+        colours[model] = spare[index % len(spare)]
+    return colours
+
+
 def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     """Small multiples, one panel per job, up to CURVES_PER_PAGE panels per PNG."""
     keys = swept_keys(jobs)
@@ -172,19 +186,22 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     for number, page in enumerate(pages, start=1):
         columns = min(4, len(page))
         rows = math.ceil(len(page) / columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows + 0.6), sharey=True, squeeze=False)
+        colours = _model_colours(sorted({model for _, curves in page for model in curves}))
+        legend_rows = math.ceil(len(colours) / LEGEND_COLUMNS)
+        height = 3.1 * rows + 0.5 + 0.25 * legend_rows
+        fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, height), sharey=True, squeeze=False)
         for ax, (job, curves) in zip(axes.flat, page):
             for model, points in sorted(curves.items()):
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 15 else None,
-                        markersize=3, label=f"{model} (val)", color=MODEL_STYLE.get(model))
-            tests = [(label, job.value(name)) for label, name in TEST_LABELS if job.value(name) is not None]
-            if tests:
-                ax.text(0.98, 0.04, "test: " + ", ".join(f"{label} {value:.1f}" for label, value in tests),
-                        transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgray")
+                        markersize=3, label=f"{model} (val)", color=colours[model])
             number_text = job.name.partition("_")[0]
             title = f"#{number_text} " if number_text.isdigit() else ""
             title += ", ".join(f"{k}={job.overrides.get(k, '')}" for k in keys) or job.name[:40]
-            ax.set_title(title + ("" if job.status == "completed" else f" [{job.status}]"), fontsize=9)
+            title += "" if job.status == "completed" else f" [{job.status}]"
+            tests = [(label, job.value(name)) for label, name in TEST_LABELS if job.value(name) is not None]
+            if tests:
+                title += "\ntest %: " + ", ".join(f"{label} {value:.1f}" for label, value in tests)
+            ax.set_title(title, fontsize=8.5)
             ax.grid(True, alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.tick_params(labelsize=8)
@@ -199,10 +216,11 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         labels = list(handles)
-        fig.legend([handles[label] for label in labels], labels, loc="upper right", fontsize=8, ncol=len(labels))
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", fontsize=8,
+                   ncol=min(LEGEND_COLUMNS, len(labels)), frameon=False)
         page_text = f" (page {number} of {len(pages)})" if len(pages) > 1 else ""
         fig.suptitle(f"Validation accuracy per epoch, one panel per job{page_text}", fontsize=11, x=0.01, ha="left")
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.1) / height, 1, 1 - 0.3 / height))
         name = "learning_curves.png" if len(pages) == 1 else f"learning_curves_{number}.png"
         paths.append(_save(fig, sweep_dir / name, tight=False))
     return paths
