@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdrun.engine import checkpoint
+from kdrun.engine import checkpoint, perf as fast_paths
 from kdrun.errors import ConfigError, KdrunError
 
 
@@ -139,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"grad_clip={cfg.grad_clip} must be > 0, or null for no clipping")
     if cfg.scratch not in (True, False, "auto"):
         raise ConfigError(f"scratch={cfg.scratch!r} must be true, false or auto")
+    fast_paths.validate(cfg)
     validate_schedule(cfg)
     resolve_device(str(cfg.device))
     given = cfg.teacher.get("checkpoint")

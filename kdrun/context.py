@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from kdrun import models
 from kdrun.data import DataBundle
 from kdrun.engine.loop import FitResult, FitSpec, fit
+from kdrun.engine.perf import Perf
 from kdrun.reporting.metrics import MetricsLog
 
 
@@ -22,6 +23,7 @@ class RunContext:
     data: DataBundle
     device: torch.device
     metrics: MetricsLog
+    perf: Perf = field(default_factory=Perf)
 
     def build_model(self, model_cfg: DictConfig, seed: int | None = None) -> nn.Module:
         """Build seeded with ``cfg.seed`` (or ``seed``), so the distilled and the scratch
@@ -33,4 +35,5 @@ class RunContext:
         return fit(
             task, self.data, spec, label=label, ckpt_dir=ckpt_dir, metrics=self.metrics,
             device=self.device, seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta, title=title,
+            perf=self.perf,
         )

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import data as datasets
 from kdrun.config import expand_model_lists, instantiate_user, register_resolvers, resolve_device, validate
 from kdrun.context import RunContext
+from kdrun.engine import perf as fast_paths
 from kdrun.engine.loop import STOP
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 from kdrun.reporting.metrics import MetricsLog
@@ -126,18 +127,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
             device = resolve_device(str(cfg.device))
+            perf = fast_paths.resolve(cfg, device)
             torch.manual_seed(int(cfg.seed))
-            data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=device.type == "cuda")
+            data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=perf.pin_memory,
+                                  persistent_workers=perf.persistent_workers)
+            data = perf.place_data(data)
             summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
             log.info(
                 "kdrun %s: %s on %s (%s), run dir %s", summary["versions"]["kdrun"], cfg.strategy.name,
                 data.name, device, run_dir,
             )
+            log.info("%s", perf.describe())
             if data.val_is_test:
                 log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
             strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
             summary["strategy"] = str(cfg.strategy.name)
-            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog.for_run(run_dir, cfg.get("logger")))
+            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog.for_run(run_dir, cfg.get("logger")),
+                             perf=perf)
             sections = strategy.run(ctx)
             trained = sections.pop("_models")
             summary.update(sections)

@@ -123,7 +123,7 @@ def provision(
         result = fit(
             task, ctx.data, fit_spec(training), label=role, ckpt_dir=entry / "work",
             metrics=MetricsLog(entry / "metrics.jsonl"), device=ctx.device, seed=seed,
-            amp=bool(ctx.cfg.amp), meta=meta,
+            amp=bool(ctx.cfg.amp), meta=meta, perf=getattr(ctx, "perf", None),
         )
         test_acc, _ = evaluate(model, ctx.data.test, ctx.device)
         checkpoint.save_atomic(

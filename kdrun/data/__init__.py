@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdrun.config import instantiate_user
+from kdrun.data.augment import Augmentation
 from kdrun.errors import ConfigError
 
 
@@ -25,6 +26,9 @@ class Splits:
     ``train`` and ``train_eval`` hold the same samples in the same order; the
     first applies train-time augmentation, the second the eval transform (the
     validation split is carved out of it so validation is never augmented).
+    ``augmentation`` declares what ``train`` adds (None: nothing, so ``train`` is
+    ``train_eval``); ``in_memory`` says all samples are held in memory, not read
+    from files, so ``perf.device_data`` may put them on the device.
     """
 
     train: Dataset
@@ -33,6 +37,8 @@ class Splits:
     num_classes: int
     input_shape: tuple[int, ...]
     embedded: bool = False
+    augmentation: Augmentation | None = None
+    in_memory: bool = False
 
 
 @dataclass
@@ -47,6 +53,10 @@ class DataBundle:
     val_is_test: bool
     train_set: Dataset = field(repr=False, default=None)
     make_loader: Callable[[Dataset, bool], DataLoader] = field(repr=False, default=None)
+    augmentation: Augmentation | None = None
+    in_memory: bool = False
+    # The training samples with the eval transform (what device-resident data augments itself).
+    train_eval_set: Dataset = field(repr=False, default=None)
 
     def indexed(self) -> DataBundle:
         """The same data, with training batches of ``(inputs, labels, index)``; the
@@ -93,7 +103,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def build(cfg: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
+def build(cfg: DictConfig, seed: int, pin_memory: bool = False, persistent_workers: bool = True) -> DataBundle:
     splits: Splits = instantiate_user(cfg.source, f"dataset {cfg.name}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction={cfg.val_fraction} must be in [0, 1)")
@@ -111,7 +121,7 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
             drop_last=shuffle and bool(cfg.get("drop_last", False)),
             num_workers=workers,
             pin_memory=pin_memory,
-            persistent_workers=workers > 0,
+            persistent_workers=persistent_workers and workers > 0,
             # The engine reseeds this generator at every epoch, so the shuffle
             # order (and worker seeds) depend only on (seed, epoch): resume is exact.
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
@@ -128,4 +138,7 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
         val_is_test=val_is_test,
         train_set=train_set,
         make_loader=loader,
+        augmentation=splits.augmentation,
+        in_memory=splits.in_memory,
+        train_eval_set=Subset(splits.train_eval, train_idx),
     )

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from kdrun.data import Splits
+from kdrun.data.augment import Augmentation
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def _tensor_splits(x_train, y_train, x_test, y_test, num_classes: int, augment=N
     train_eval = TensorDataset(inputs, labels)
     train = AugmentedTensors(inputs, labels, augment) if augment else train_eval
     test = TensorDataset(torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=torch.long))
-    return Splits(train, train_eval, test, num_classes, tuple(inputs.shape[1:]), embedded=True)
+    declared = Augmentation(max_shift=augment.max_shift, noise=augment.noise) if augment else None
+    return Splits(train, train_eval, test, num_classes, tuple(inputs.shape[1:]), embedded=True, augmentation=declared,
+                  in_memory=True)
 
 
 def mnist1d(

@@ -19,6 +19,7 @@ from torchvision import datasets, transforms as T
 from torchvision.datasets.vision import StandardTransform
 
 from kdrun.data import Splits
+from kdrun.data.augment import Augmentation
 from kdrun.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -109,7 +110,11 @@ def _standard(name: str, root: str, download: bool, augment: bool) -> Splits:
 
     train_eval, test = (load(split) for split in source.split_kwargs)
     shape = (len(source.mean), source.size, source.size)
-    return Splits(_with_transform(train_eval, train_tf), train_eval, test, source.num_classes, shape)
+    # The crop pads with black pixels before normalisation: -mean/std after it.
+    fill = tuple(-m / s for m, s in zip(source.mean, source.std))
+    declared = Augmentation(crop_padding=source.crop_padding, flip=source.flip, fill=fill) if augment else None
+    return Splits(_with_transform(train_eval, train_tf), train_eval, test, source.num_classes, shape,
+                  augmentation=declared, in_memory=True)
 
 
 def cifar10(root: str, download: bool = False, augment: bool = True) -> Splits:
@@ -166,7 +171,9 @@ def imagefolder(root: str, image_size: int = 224, augment: bool = True, train_di
             f"{os.path.join(root, train_dir)} (missing {missing}, extra {extra}); both splits need the same classes"
         )
     shape = (3, image_size, image_size)
-    return Splits(_with_transform(train_eval, train_tf), train_eval, test, len(train_eval.classes), shape)
+    declared = Augmentation(flip=True, on_device=False) if augment else None
+    return Splits(_with_transform(train_eval, train_tf), train_eval, test, len(train_eval.classes), shape,
+                  augmentation=declared)
 
 
 def fake(num_train: int = 256, num_test: int = 128, image_size: int = 32, channels: int = 3,
@@ -182,4 +189,4 @@ def fake(num_train: int = 256, num_test: int = 128, image_size: int = 32, channe
         return datasets.FakeData(size, shape, num_classes, transform=T.ToTensor(), random_offset=offset)
 
     train = make(num_train, seed)
-    return Splits(train, train, make(num_test, seed + num_train), num_classes, shape)
+    return Splits(train, train, make(num_test, seed + num_train), num_classes, shape, in_memory=True)

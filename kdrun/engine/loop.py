@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from kdrun.data import DataBundle
 from kdrun.engine import checkpoint
+from kdrun.engine.perf import CACHE_MEMORY_SHARE, Perf, free_bytes
 from kdrun.errors import Interrupted, TrainingError
 from kdrun.reporting.metrics import MetricsLog
 
@@ -94,6 +95,7 @@ def fit(
     amp: bool = True,
     meta: dict[str, Any] | None = None,
     title: str | None = None,
+    perf: Perf | None = None,
 ) -> FitResult:
     """Train ``task`` (see :class:`kdrun.distill.DistillTask`) for ``spec.epochs`` epochs.
 
@@ -107,12 +109,26 @@ def fit(
     returns them for the log, and ``extra_evaluations()`` names further models
     (peers, auxiliary heads, ensembles) whose validation accuracy is logged too.
     Samples labelled ``< 0`` (hidden labels) do not count in training accuracy.
+    ``perf`` (see :mod:`kdrun.engine.perf`) picks the fast paths: fused/foreach
+    optimizer, channels_last, torch.compile, the teacher-output cache.
     """
     title = title or label
+    perf = perf or Perf(device=device)
     dtype = amp_dtype(device, amp)
     task.to(device)
+    memory_format = perf.prepare_models([task.student, getattr(task, "teacher", None)], data.input_shape)
+    use_cache, cache_note = perf.teacher_cache(task, data)
+    if use_cache:
+        from kdrun.distill import TeacherCache
+
+        data = data.indexed()
+        task.teacher_cache = TeacherCache(
+            len(data.train_set), int(CACHE_MEMORY_SHARE * free_bytes(device)), strict=perf.teacher_cache_setting is True
+        )
+    if perf.teacher_cache_setting is not False:
+        log.info("%s: teacher_cache %s", title, cache_note)
     steps_per_epoch = len(data.train)
-    optimizer = spec.optimizer(params=task.parameters())
+    optimizer = spec.optimizer(params=task.parameters(), **perf.optimizer_kwargs(spec.optimizer))
     scheduler = spec.scheduler(optimizer, epochs=spec.epochs, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     meta = dict(meta or {})
@@ -166,6 +182,8 @@ def fit(
             bar = tqdm(data.train, desc=f"{title} epoch {epoch}/{spec.epochs}", unit="batch", leave=False, disable=not show_bar, dynamic_ncols=True)
             for step, batch in enumerate(bar, start=1):
                 inputs = batch[0].to(device, non_blocking=True)
+                if memory_format is not None and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=memory_format)
                 labels = batch[1].to(device, non_blocking=True)
                 index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
                 with autocast(device, dtype):
@@ -231,5 +249,7 @@ def fit(
                 scheduled, train_row["time_s"],
             )
 
+    if use_cache:
+        task.teacher_cache = None  # this fit's; frees its memory
     final_val = history[-1]["val_acc"] if history else float("nan")
     return FitResult(epochs=spec.epochs, best_val_acc=best_val, final_val_acc=final_val, history=history)

@@ -1,0 +1,117 @@
+"""Device-resident data (``perf.device_data``): whole splits as tensors on the device, batches
+sliced there, train-time augmentation applied to whole batches there; no DataLoader workers.
+
+:class:`DeviceLoader` is a drop-in for the training loop's DataLoader: it yields the same
+tuples (``inputs, labels[, index]``), has ``len()`` and a ``generator`` the loop reseeds
+every epoch, and, with augmentation off, gives the very batches the DataLoader gives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from kdrun.data import DataBundle, WithIndex
+from kdrun.data.augment import Augmentation
+
+# Share of free memory (device memory on CUDA, RAM on the CPU) the resident splits may take.
+MEMORY_SHARE = 0.25
+
+
+class DeviceLoader:
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, augmentation: Augmentation | None = None, with_index: bool = False,
+                 seed: int = 0):
+        self.inputs, self.labels = inputs, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augmentation, self.with_index = augmentation, with_index
+        self.generator = torch.Generator().manual_seed(seed) if shuffle else None
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.labels), self.inputs.device
+        order, augment_rng = None, None
+        if self.shuffle:
+            # As a DataLoader over a RandomSampler does: one int64 drawn for the worker base
+            # seed when the iterator is made, then the sampler's randperm, both from ``generator``.
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(n, generator=self.generator).to(device)
+            if self.augmentation is not None:
+                seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+                augment_rng = torch.Generator(device=device).manual_seed(seed)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            index = order[start:stop] if order is not None else torch.arange(start, stop, device=device)
+            inputs = self.inputs[index] if order is not None else self.inputs[start:stop]
+            labels = self.labels[index] if order is not None else self.labels[start:stop]
+            if augment_rng is not None:
+                inputs = self.augmentation(inputs, augment_rng)
+            yield (inputs, labels, index) if self.with_index else (inputs, labels)
+
+
+def materialize(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``dataset`` as two tensors (inputs, labels), each sample as the DataLoader collates it."""
+    base, indices = dataset, None
+    if isinstance(dataset, Subset):
+        base, indices = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+    if type(base) is TensorDataset:  # embedded sets: index the tensors (what collate of their items gives)
+        inputs, labels = base.tensors[:2]
+        return (inputs, labels) if indices is None else (inputs[indices], labels[indices])
+    batches = list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def resident_bytes(data: DataBundle) -> int:
+    """Bytes the three splits take as float32 tensors on the device."""
+    samples = len(data.train_set) + len(data.val.dataset) + len(data.test.dataset)
+    return samples * math.prod(data.input_shape) * 4
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def unsupported(data: DataBundle) -> str | None:
+    """Why ``data`` cannot live on the device (None when it can)."""
+    if not data.in_memory:
+        return f"dataset {data.name} is read from files per sample"
+    if data.augmentation is not None and not data.augmentation.on_device:
+        return f"dataset {data.name}'s augmentation has no batched device version"
+    return None
+
+
+def to_device(data: DataBundle, device: torch.device) -> DataBundle:
+    """``data`` with every split on ``device``; the eval transform is applied once here."""
+    augmented = data.augmentation is not None
+    train_inputs, train_labels = materialize(data.train_eval_set if augmented else data.train_set)
+    train_inputs, train_labels = train_inputs.to(device), train_labels.to(device)
+    train_loader, val_loader = data.train, data.val
+
+    def evaluation(loader: DataLoader) -> DeviceLoader:
+        inputs, labels = materialize(loader.dataset)
+        return DeviceLoader(inputs.to(device), labels.to(device), loader.batch_size)
+
+    def training(with_index: bool) -> DeviceLoader:
+        return DeviceLoader(train_inputs, train_labels, train_loader.batch_size, shuffle=True,
+                            drop_last=train_loader.drop_last, augmentation=data.augmentation, with_index=with_index)
+
+    def make_loader(dataset: Dataset, shuffle: bool):
+        if shuffle and dataset is data.train_set:
+            return training(with_index=False)
+        if shuffle and isinstance(dataset, WithIndex) and dataset.dataset is data.train_set:
+            return training(with_index=True)
+        # Other training sets (a strategy's labelled share, hidden labels) are read as before.
+        return data.make_loader(dataset, shuffle)
+
+    val = evaluation(val_loader)
+    test = val if data.val_is_test else evaluation(data.test)
+    return replace(data, train=training(with_index=False), val=val, test=test, make_loader=make_loader)
