@@ -56,3 +56,16 @@ def test_temperature_study_sweeps_T_over_three_seeds_with_alpha_fixed():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose(config_name="train", overrides=["experiment=mnist1d_temperature_study"], return_hydra_config=True)
     assert dict(full.hydra.sweeper.params) == {"T": "1,2,4,8,16", "seed": "0,1,2"}
+
+
+def test_temperature_study_is_one_command_with_a_table_and_a_plot(tmp_path):
+    result = kdrun_cli("-m", "experiment=mnist1d_temperature_study", "T=1,16", "seed=0", "epochs=1",
+                       "dataset.source.num_samples=500", "teacher_training.epochs=1",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "sweep"
+    assert (sweep / "accuracy_vs_T.png").stat().st_size > 10_000
+    table = (sweep / "summary.md").read_text()
+    assert "| 1 |" in table and "| 16 |" in table
+    alphas = {read_summary(job)["recipe"] for job in sweep.iterdir() if (job / "summary.json").exists()}
+    assert alphas == {"L = 0.1*CE + 0.9*KD(T=1)", "L = 0.1*CE + 0.9*KD(T=16)"}
