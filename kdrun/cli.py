@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 from kdrun.config import metric_value, register_resolvers
 from kdrun.errors import ConfigError, Interrupted, KdrunError
@@ -53,6 +55,48 @@ class _StderrGate(io.TextIOBase):
 _failures: list[int] = []
 
 
+def _launch_env():
+    """The multi-process launch this process is part of (torchrun, SLURM tasks), or None."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return None  # spares the torch import
+    from kdrun.engine.distributed import launch_env
+
+    return launch_env()
+
+
+class DistributedRun(Callback):
+    """Under torchrun or SLURM tasks (registered in conf/train.yaml), before Hydra makes the
+    run directory: joins the process group, gives every rank rank 0's run directory (a
+    ``${now:...}`` in it may differ by a second between ranks) and keeps the other ranks
+    from writing ``.hydra/`` and ``kdrun.log``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if _launch_env() is None:
+            return
+        from kdrun.engine import distributed
+
+        distributed.init_from_env(str(config.get("device", "auto")))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = distributed.broadcast_object(str(config.hydra.run.dir))
+            if not distributed.is_main():
+                config.hydra.output_subdir = None
+                logging_cfg = config.hydra.job_logging
+                files = [name for name, handler in (logging_cfg.get("handlers") or {}).items()
+                         if str(handler.get("class", "")).endswith("FileHandler")]
+                for name in files:
+                    del logging_cfg.handlers[name]
+                if logging_cfg.get("root") and logging_cfg.root.get("handlers"):
+                    logging_cfg.root.handlers = [name for name in logging_cfg.root.handlers if name not in files]
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if _launch_env() is not None:
+            sys.stderr.write(
+                "kdrun: error: a multirun (-m) cannot itself run under torchrun or srun; start one data-parallel "
+                "run per torchrun, or sweep with hydra/launcher=slurm and hydra.launcher.gpus_per_node=N\n"
+            )
+            sys.exit(2)
+
+
 def _check_resume_overrides() -> None:
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
     if overrides:
@@ -65,7 +109,10 @@ def _check_resume_overrides() -> None:
 def _app(cfg: DictConfig) -> float | None:
     if isinstance(sys.stderr, _StderrGate):
         sys.stderr.release()
+    from kdrun.engine import distributed
     from kdrun.run import run  # the heavy imports wait until the config is known to be good
+
+    distributed.quiet_other_ranks()  # under SLURM tasks Hydra gave every rank kdrun.log
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     # The group options (loss=crd, ...) are known only to Hydra; kept in the config, they are saved
@@ -94,6 +141,8 @@ def _app(cfg: DictConfig) -> float | None:
             sys.exit(1)
         _failures.append(1)
         return None
+    finally:
+        distributed.cleanup()
     # What a sweeper optimises (hparams_search=optuna): the summary.json value named by optimize_metric.
     value = metric_value(summary, str(cfg.get("optimize_metric", "student.test_acc")))
     if value is None:

@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import data as datasets
 from kdrun.config import expand_model_lists, instantiate_user, register_resolvers, resolve_device, validate
 from kdrun.context import RunContext
+from kdrun.engine import distributed
 from kdrun.engine import perf as fast_paths
 from kdrun.engine.loop import STOP
 from kdrun.errors import ConfigError, Interrupted, KdrunError
@@ -100,37 +101,51 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job and return its summary; raises KdrunError subclasses on failure.
 
     ``summary.json`` is written whatever happens: ``completed``, ``failed`` (with
-    the error) or ``interrupted``.
+    the error) or ``interrupted``. Started by torchrun or as SLURM tasks, the job runs
+    data-parallel (:mod:`kdrun.engine.distributed`) and rank 0 alone writes files.
     """
     register_resolvers()
     if cfg.get("resume"):
         cfg, run_dir = resumed_config(cfg)
-    run_dir = Path(run_dir or hydra_run_dir() or Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with distributed.process_group(str(cfg.device)):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
+    distributed.quiet_other_ranks()
+    main = distributed.is_main()
+    # Every rank works in rank 0's directory (a ${now:...} in its name may differ between ranks).
+    run_dir = Path(distributed.broadcast_object(
+        str(run_dir or hydra_run_dir() or Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     summary: dict[str, Any] = {
         "status": "running", "error": None, "name": cfg.get("name"), "strategy": None, "dataset": None,
         "student": None, "teacher": None, "scratch": None, "models": {}, "wall_time_s": None, "run_dir": str(run_dir),
         "seed": cfg.get("seed"), "versions": versions(),
     }
-    if not cfg.get("resume") and has_checkpoints(run_dir):
+    if not cfg.get("resume") and distributed.broadcast_object(has_checkpoints(run_dir)):
         # Raised before summary.json is touched: the earlier run's files stay as they are.
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} "
             "or choose another hydra.run.dir"
         )
-    with run_log(run_dir), stop_on_signals():
+    with run_log(run_dir) if main else nullcontext(), stop_on_signals():
         try:
             validate(cfg)
             expand_model_lists(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)
-            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-            device = resolve_device(str(cfg.device))
+            if main:
+                (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+            device = distributed.local_device(str(cfg.device)) or resolve_device(str(cfg.device))
             perf = fast_paths.resolve(cfg, device)
             torch.manual_seed(int(cfg.seed))
-            data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=perf.pin_memory,
-                                  persistent_workers=perf.persistent_workers)
+            with distributed.main_first():  # rank 0 downloads or generates the data, the others then read it
+                data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=perf.pin_memory,
+                                      persistent_workers=perf.persistent_workers)
             data = perf.place_data(data)
             summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
             log.info(
@@ -138,12 +153,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 data.name, device, run_dir,
             )
             log.info("%s", perf.describe())
+            if distributed.active():
+                log.info(
+                    "Data parallel: %d processes, %d samples per process and step (dataset.batch_size=%d is the "
+                    "global batch); rank 0 writes the files", distributed.world_size(),
+                    int(cfg.dataset.batch_size) // distributed.world_size(), int(cfg.dataset.batch_size),
+                )
             if data.val_is_test:
                 log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
             strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
             summary["strategy"] = str(cfg.strategy.name)
             ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog.for_run(run_dir, cfg.get("logger")),
                              perf=perf)
+            distributed.barrier()  # the other ranks have read metrics.jsonl (resume) before rank 0 appends
             sections = strategy.run(ctx)
             trained = sections.pop("_models")
             summary.update(sections)
@@ -167,5 +189,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             raise
         finally:
             summary["wall_time_s"] = round(time.time() - started, 3)
-            write_summary(run_dir, summary)
+            if main:
+                write_summary(run_dir, summary)
     return summary

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.distill import DistillTask
-from kdrun.engine import checkpoint
+from kdrun.engine import checkpoint, distributed
 from kdrun.engine.loop import FitSpec, evaluate, fit
 from kdrun.losses.recipe import CE_ONLY, build_recipe
 from kdrun.models import count_params, factory_options
@@ -103,10 +104,14 @@ def provision(
 
     key = cache_key(model_cfg, ctx.cfg.dataset, seed, training, data_variant)
     entry = Path(os.path.expanduser(str(ctx.cfg.paths.cache))) / "models" / f"{model_cfg.arch}_{ctx.data.name}_{key}"
-    entry.mkdir(parents=True, exist_ok=True)
     final = entry / "model.pt"
-    with FileLock(str(entry) + ".lock"):
-        if final.exists():
+    # Under DDP rank 0 alone takes the lock and writes; the other ranks wait in its broadcast
+    # of "cached or not", then load the cached model or train it along with rank 0.
+    main = distributed.is_main()
+    if main:
+        entry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock") if main else nullcontext():
+        if distributed.broadcast_object(final.exists()):
             state = checkpoint.load_weights(model, final, f"cached {role}")
             log.info(
                 "%s: reusing cached %s trained earlier with the same config (%s, test acc %.2f%%)",
@@ -126,10 +131,11 @@ def provision(
             amp=bool(ctx.cfg.amp), meta=meta, perf=getattr(ctx, "perf", None),
         )
         test_acc, _ = evaluate(model, ctx.data.test, ctx.device)
-        checkpoint.save_atomic(
-            {"model": {k: v.cpu() for k, v in model.state_dict().items()}, **meta, "test_acc": test_acc,
-             "best_val_acc": result.best_val_acc, "params": count_params(model)},
-            final,
-        )
+        if main:
+            checkpoint.save_atomic(
+                {"model": {k: v.cpu() for k, v in model.state_dict().items()}, **meta, "test_acc": test_acc,
+                 "best_val_acc": result.best_val_acc, "params": count_params(model)},
+                final,
+            )
         log.info("%s: trained %s, test acc %.2f%%, cached as %s", role, model_cfg.arch, test_acc, final)
         return Provisioned(model, "trained", test_acc, result.best_val_acc, final)

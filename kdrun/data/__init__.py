@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdrun.config import instantiate_user
 from kdrun.data.augment import Augmentation
+from kdrun.engine import distributed
 from kdrun.errors import ConfigError
 
 
@@ -112,19 +113,35 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False, persistent_worke
     val_is_test = not val_idx
     val_set = splits.test if val_is_test else Subset(splits.train_eval, val_idx)
     workers = int(cfg.num_workers)
+    # Under DDP dataset.batch_size stays the global batch: each of N ranks takes 1/N of it,
+    # so a config means the same training (batch, steps per epoch, schedule) on any N.
+    rank, ranks = distributed.rank(), distributed.world_size()
+    if int(cfg.batch_size) % ranks:
+        raise ConfigError(
+            f"dataset.batch_size={cfg.batch_size} must be divisible by the {ranks} processes "
+            f"(it is the global batch; each process takes batch_size / {ranks})"
+        )
 
     def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        sampler = None
+        if ranks > 1:
+            sampler = (
+                distributed.ShardedRandomSampler(dataset, generator, rank, ranks) if shuffle
+                else distributed.ShardedSequentialSampler(dataset, rank, ranks)
+            )
         return DataLoader(
             dataset,
-            batch_size=int(cfg.batch_size) if shuffle else int(cfg.get("eval_batch_size", 512)),
-            shuffle=shuffle,
+            batch_size=int(cfg.batch_size) // ranks if shuffle else int(cfg.get("eval_batch_size", 512)),
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle and bool(cfg.get("drop_last", False)),
             num_workers=workers,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and workers > 0,
             # The engine reseeds this generator at every epoch, so the shuffle
             # order (and worker seeds) depend only on (seed, epoch): resume is exact.
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            generator=generator,
         )
 
     return DataBundle(

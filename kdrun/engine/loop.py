@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kdrun.data import DataBundle
-from kdrun.engine import checkpoint
+from kdrun.engine import checkpoint, distributed
 from kdrun.engine.perf import CACHE_MEMORY_SHARE, Perf, free_bytes
 from kdrun.errors import Interrupted, TrainingError
 from kdrun.reporting.metrics import MetricsLog
@@ -67,7 +67,11 @@ def epoch_seed(seed: int, label: str, epoch: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Top-1 accuracy in percent and mean cross-entropy of ``model`` on ``loader``."""
+    """Top-1 accuracy in percent and mean cross-entropy of ``model`` on ``loader``.
+
+    Under DDP each rank evaluates its shard of the loader and the sums are added over
+    ranks, so every rank returns the global figures (an unsharded loader gives the same
+    ratios: numerator and denominator are both counted once per rank)."""
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -79,6 +83,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
         correct += (logits.argmax(1) == labels).sum().item()
         count += labels.numel()
     model.train(was_training)
+    totals = distributed.sum_over_ranks({"correct": correct, "loss_sum": loss_sum, "count": count}, device)
+    correct, loss_sum, count = totals["correct"], totals["loss_sum"], totals["count"]
     return 100.0 * correct / max(count, 1), loss_sum / max(count, 1)
 
 
@@ -135,7 +141,9 @@ def fit(
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
 
     start_epoch, best_val, history = 0, -1.0, []
-    if last_path.exists():
+    # Rank 0 decides: it may already have written last.pt when another rank looks.
+    resuming = distributed.broadcast_object(last_path.exists())
+    if resuming:
         state = checkpoint.load(last_path, f"{label} checkpoint")
         task.load_state_dict(state)
         optimizer.load_state_dict(state["optimizer"])
@@ -148,6 +156,8 @@ def fit(
             log.info("Resuming %s from %s (epoch %d of %d)", title, last_path, start_epoch, spec.epochs)
 
     def save_last(epoch: int) -> None:
+        if not distributed.is_main():
+            return
         checkpoint.save_atomic(
             {
                 **task.state_dict(),
@@ -163,14 +173,17 @@ def fit(
             last_path,
         )
 
-    if start_epoch == 0 and not last_path.exists():
+    if not resuming:
         save_last(0)  # so an interrupt during the first epoch still leaves a resumable state
 
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and distributed.is_main()
+    train_step = distributed.data_parallel(task, device)
     with task:
         for epoch in range(start_epoch + 1, spec.epochs + 1):
             epoch_start = time.perf_counter()
-            torch.manual_seed(epoch_seed(seed, label, epoch))
+            # Per rank (dropout, in-process augmentation differ between ranks); the data order
+            # comes from the loader's generator, the same on every rank.
+            torch.manual_seed(epoch_seed(seed, label, epoch) + distributed.rank())
             if data.train.generator is not None:
                 data.train.generator.manual_seed(epoch_seed(seed, label, epoch))
             knobs = task.before_epoch(epoch, spec.epochs)
@@ -187,7 +200,7 @@ def fit(
                 labels = batch[1].to(device, non_blocking=True)
                 index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
                 with autocast(device, dtype):
-                    total, parts, logits = task.loss(inputs, labels, index, epoch - 1 + (step - 1) / steps_per_epoch)
+                    total, parts, logits = train_step(inputs, labels, index, epoch - 1 + (step - 1) / steps_per_epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
                 if spec.grad_clip:
@@ -205,11 +218,17 @@ def fit(
                 has_label = labels >= 0
                 correct += ((logits.detach().argmax(1) == labels) & has_label).sum()
                 labeled_seen += has_label.sum()
-                if STOP.is_set():
-                    raise Interrupted(f"{title} stopped in epoch {epoch}; last.pt holds epoch {epoch - 1}")
                 # Checking finiteness syncs the GPU, so do it every few steps, not every step.
-                if step % NONFINITE_CHECK_EVERY == 0 or step == steps_per_epoch:
-                    if not torch.isfinite(loss_sum):
+                at_check = step % NONFINITE_CHECK_EVERY == 0 or step == steps_per_epoch
+                stop, nonfinite = STOP.is_set(), at_check and not torch.isfinite(loss_sum)
+                if distributed.active():
+                    # Ranks stop together, at check steps: one that raised alone would leave the
+                    # others waiting in the next all-reduce.
+                    stop, nonfinite = distributed.any_rank(stop, nonfinite, device=device) if at_check else (False, False)
+                if stop:
+                    raise Interrupted(f"{title} stopped in epoch {epoch}; last.pt holds epoch {epoch - 1}")
+                if at_check:
+                    if nonfinite:
                         raise TrainingError(
                             f"{label}: loss became non-finite in epoch {epoch} (by step {step}); "
                             f"lower the learning rate or set grad_clip; last good checkpoint: {last_path} "
@@ -220,13 +239,17 @@ def fit(
 
             val_acc, val_loss = evaluate(task.student, data.val, device, dtype)
             extra_val = {name: evaluate(model, data.val, device, dtype) for name, model in task.extra_evaluations().items()}
+            # What is logged is global: the sums of all ranks (one all-reduce per epoch).
+            sums = distributed.sum_over_ranks(
+                {"loss": loss_sum, "correct": correct, "labeled": labeled_seen, "seen": seen, **part_sums}, device
+            )
             train_row = {
                 "epoch": epoch,
                 "model": label,
                 "split": "train",
-                "acc": 100.0 * correct.item() / max(labeled_seen.item(), 1),
-                "loss": loss_sum.item() / seen,
-                **{name: value.item() / seen for name, value in part_sums.items()},
+                "acc": 100.0 * sums["correct"] / max(sums["labeled"], 1),
+                "loss": sums["loss"] / sums["seen"],
+                **{name: sums[name] / sums["seen"] for name in part_sums},
                 "lr": optimizer.param_groups[0]["lr"],
                 **knobs,
                 "time_s": time.perf_counter() - epoch_start,
@@ -235,7 +258,9 @@ def fit(
             history.append({"epoch": epoch, "train_acc": train_row["acc"], "train_loss": train_row["loss"], "val_acc": val_acc})
             if val_acc > best_val:
                 best_val = val_acc
-                checkpoint.save_atomic({"model": task.student.state_dict(), **meta, "epoch": epoch, "val_acc": val_acc}, best_path)
+                if distributed.is_main():
+                    best = {"model": task.student.state_dict(), **meta, "epoch": epoch, "val_acc": val_acc}
+                    checkpoint.save_atomic(best, best_path)
             save_last(epoch)
             metrics.write(**train_row)
             metrics.write(**val_row)

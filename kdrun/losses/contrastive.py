@@ -24,6 +24,10 @@ Negatives are drawn uniformly with replacement (as RepDistiller's ``AliasMethod`
 draws), so ``nce_k`` may exceed the memory's size, and never from the anchor's own
 sample; with ``negatives: other_class`` (default) not from its class either, as
 RepDistiller's ``CIFAR100InstanceSample`` draws them.
+
+Under DDP every rank writes every rank's batch into its memory (an ``all_gather`` of
+indices, labels and embeddings before the update) and the bank's new random rows come
+from rank 0, so all ranks hold the same memory, as one process with the global batch would.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.engine import distributed
 from kdrun.errors import ConfigError
 from kdrun.losses.adapters import projection
 from kdrun.losses.base import StepOutputs, Term
@@ -90,6 +95,9 @@ def random_unit_rows(rows: int, dim: int, device=None) -> torch.Tensor:
 class _Memory(nn.Module):
     """Student and teacher embeddings of past samples, with their labels (-1: none yet)."""
 
+    # Updated alike on every rank (see the module docstring), so DDP need not broadcast it.
+    syncs_across_ranks = True
+
     def __init__(self, rows: int, feat_dim: int, exclude_class: bool):
         super().__init__()
         self.exclude_class = exclude_class
@@ -102,6 +110,9 @@ class _Memory(nn.Module):
 
     def sample_index(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reserve(self, index: torch.Tensor) -> None:
+        """Make room for the samples ``index`` (all ranks' batch) before they are read or pushed."""
 
     def clashes(self, rows: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         clash = self.sample_index(rows) == index[:, None]
@@ -139,12 +150,17 @@ class SampleBank(_Memory):
         if extra <= 0:
             return
         dim, device = self.student.shape[1], self.student.device
-        self.student = torch.cat([self.student, random_unit_rows(extra, dim, device)])
-        self.teacher = torch.cat([self.teacher, random_unit_rows(extra, dim, device)])
+        # Ranks draw different rows: rank 0's go into every rank's bank (all grow at the same step).
+        new_student = distributed.broadcast_(random_unit_rows(extra, dim, device))
+        new_teacher = distributed.broadcast_(random_unit_rows(extra, dim, device))
+        self.student = torch.cat([self.student, new_student])
+        self.teacher = torch.cat([self.teacher, new_teacher])
         self.labels = torch.cat([self.labels, self.labels.new_full((extra,), -1)])
 
-    def positives(self, index, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    def reserve(self, index: torch.Tensor) -> None:
         self.grow(int(index.max()) + 1)
+
+    def positives(self, index, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
         return self.student[index], self.teacher[index]
 
     @torch.no_grad()
@@ -260,6 +276,10 @@ class CRD(Term):
             student = F.normalize(self.embed_student(student_features), dim=1)
             teacher = F.normalize(self.embed_teacher(teacher_features), dim=1)
             student_key, teacher_key = self._keys(student_features, teacher_features, student, teacher)
+            # All ranks' samples go into the memory (one process: just this batch).
+            index_labels = distributed.all_gather(torch.stack([index, labels], dim=1))
+            keys = distributed.all_gather(torch.cat([student_key, teacher_key], dim=1))
+            self.memory.reserve(index_labels[:, 0])
             student_positive, teacher_positive = self.memory.positives(index, student_key, teacher_key)
             negatives = self.memory.negatives(index, labels, self.nce_k)
             scores = (
@@ -267,7 +287,7 @@ class CRD(Term):
                 similarities(teacher, student_positive, self.memory.student, negatives),  # teacher anchor
             )
             loss = sum(self._loss(direction, s) for direction, s in enumerate(scores))
-            self.memory.push(index, labels, student_key, teacher_key)
+            self.memory.push(index_labels[:, 0], index_labels[:, 1], *keys.split(student_key.shape[1], dim=1))
         return loss
 
     def _loss(self, direction: int, scores: torch.Tensor) -> torch.Tensor:
@@ -275,5 +295,7 @@ class CRD(Term):
             return info_nce_loss(scores, self.nce_t)
         if torch.isnan(self.log_mean_exp[direction]):
             logits = scores.detach() / self.nce_t
-            self.log_mean_exp[direction] = torch.logsumexp(logits.flatten(), 0) - math.log(logits.numel())
+            # Over all ranks' scores, so Z is the same on every rank (ranks' batches are equal in size).
+            per_rank = distributed.all_gather(torch.logsumexp(logits.flatten(), 0).reshape(1))
+            self.log_mean_exp[direction] = torch.logsumexp(per_rank, 0) - math.log(logits.numel() * len(per_rank))
         return nce_loss(scores, self.log_mean_exp[direction], self.nce_t)

@@ -42,30 +42,47 @@ class TensorBoardSink:
 
 
 class MetricsLog:
+    """Appends rows to ``path``. Under DDP only rank 0 writes the file (and the sink); the
+    other ranks keep the same rows in memory (the file's rows at start, then theirs, which
+    are the same global values), so code that reads ``rows()`` decides alike on every rank."""
+
     def __init__(self, path: str | Path | None, sink: TensorBoardSink | None = None):
+        from kdrun.engine import distributed
+
         self.path = Path(path) if path is not None else None
         self.sink = sink
+        self.memory: list[dict[str, Any]] | None = None
+        if not distributed.is_main():
+            self.memory, self.sink = self._read(), None
 
     @classmethod
     def for_run(cls, run_dir: Path, logger: DictConfig | None = None) -> MetricsLog:
         """``<run_dir>/metrics.jsonl``, plus the sink that the ``logger`` config group picks."""
         from kdrun.config import instantiate_user
+        from kdrun.engine import distributed
 
         sink_cfg = logger.get("sink") if logger else None
-        sink = instantiate_user(sink_cfg, f"logger {logger.get('name')}")(run_dir) if sink_cfg else None
+        make_sink = sink_cfg and distributed.is_main()
+        sink = instantiate_user(sink_cfg, f"logger {logger.get('name')}")(run_dir) if make_sink else None
         return cls(Path(run_dir) / "metrics.jsonl", sink)
 
     def write(self, **row: Any) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         cleaned = {key: _clean(value) for key, value in row.items()}
+        if self.memory is not None:
+            self.memory.append(cleaned)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(cleaned) + "\n")
         if self.sink is not None:
             self.sink.write(cleaned)
 
     def rows(self) -> list[dict[str, Any]]:
+        return list(self.memory) if self.memory is not None else self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
         if self.path is None or not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -74,7 +91,9 @@ class MetricsLog:
         """On resume, forget rows of ``model`` past the checkpoint's epoch (they will be redone)."""
         rows = self.rows()
         kept = [r for r in rows if not (r.get("model") == model and r.get("epoch", 0) > epoch)]
-        if len(kept) != len(rows):
+        if self.memory is not None:
+            self.memory = kept
+        elif len(kept) != len(rows):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.distill import DistillTask
-from kdrun.engine import checkpoint
+from kdrun.engine import checkpoint, distributed
 from kdrun.engine.loop import evaluate
 from kdrun.engine.schedule import knob_values
 from kdrun.errors import ConfigError
@@ -123,11 +123,12 @@ def finish_model(ctx, label: str, model: nn.Module, role: str, arch: str, epochs
     test_acc, test_loss = evaluate(model, ctx.data.test, ctx.device)
     ctx.metrics.write(epoch=epochs, model=label, split="test", acc=test_acc, loss=test_loss)
     final = ckpt_dir / "final.pt"
-    checkpoint.save_atomic(
-        {"model": {k: v.cpu() for k, v in model.state_dict().items()}, **(meta or {"arch": arch}),
-         "test_acc": test_acc, "best_val_acc": best_val_acc, "epochs": epochs},
-        final,
-    )
+    if distributed.is_main():
+        checkpoint.save_atomic(
+            {"model": {k: v.cpu() for k, v in model.state_dict().items()}, **(meta or {"arch": arch}),
+             "test_acc": test_acc, "best_val_acc": best_val_acc, "epochs": epochs},
+            final,
+        )
     log.info("%s (%s): test acc %.2f%% (best val %s)", label, arch, test_acc,
              "-" if best_val_acc is None else f"{best_val_acc:.2f}%")
     return Trained(label, model, entry(role, arch, model, test_acc, best_val_acc, final))
@@ -135,6 +136,8 @@ def finish_model(ctx, label: str, model: nn.Module, role: str, arch: str, epochs
 
 def export_student(ctx, chosen: Trained) -> None:
     """``checkpoints/best.pt`` is the run's student whatever the strategy (DESIGN.md contract)."""
+    if not distributed.is_main():
+        return
     source = Path(chosen.entry["checkpoint"])
     best = source.with_name("best.pt") if source.with_name("best.pt").exists() else source
     target = ctx.run_dir / "checkpoints" / "best.pt"
