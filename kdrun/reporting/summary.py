@@ -98,7 +98,7 @@ def headline(summary: dict[str, Any]) -> str:
         rows.append(("teacher", teacher["arch"], f"{teacher['params']:,}", f"{teacher['test_acc']:.2f}"))
     # Multi-model strategies list every model they trained; the student is marked.
     strategy = summary.get("strategy")
-    student_name = f"student ({'KD' if strategy in (None, 'offline') else strategy})"
+    student_name = ("student (KD)" if teacher else "student") if strategy in (None, "offline") else f"student ({strategy})"
     models = {label: m for label, m in (summary.get("models") or {}).items()
               if label not in ("teacher", "scratch") and not (teacher and m.get("checkpoint") == teacher.get("path"))}
     for label, model in models.items():
