@@ -9,6 +9,7 @@ this file is the per-rank worker of the CRD test.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,45 +90,63 @@ def test_launch_is_read_from_torchrun_or_slurm_variables():
     assert first_host("node1,node2") == "node1" and first_host("a-[3,5]-x") == "a-3-x"
 
 
-def test_two_processes_write_one_set_of_files_and_match_one_process(tmp_path):
+def torchrun_until_sigterm(marker: str, *args: str, cwd: Path) -> tuple[int, str]:
+    """Start torchrun, send it SIGTERM (it passes it on to the ranks) once ``marker`` is logged."""
+    process = subprocess.Popen(
+        [*TORCHRUN, *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stderr:
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    return process.wait(timeout=120), rest
+
+
+def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_one_process(tmp_path):
     from conftest import FAST, make_cfg, read_metrics, read_summary
     from kdrun.run import run
 
-    overrides = [*FAST, "scratch=false", "seed=5"]
+    overrides = [*FAST, "epochs=10", "scratch=false", "seed=5"]
     single = run(make_cfg(*overrides), tmp_path / "single")  # also caches the teacher both use
 
-    result = torchrun("-m", "kdrun", *overrides, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _, rest = torchrun_until_sigterm("student epoch 1/10", "-m", "kdrun", *overrides, cwd=tmp_path)
     run_dirs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs  # both ranks in rank 0's directory
     run_dir = run_dirs[0]
+    assert read_summary(run_dir)["status"] == "interrupted", rest[-3000:]
+    assert max(r["epoch"] for r in read_metrics(run_dir) if r["model"] == "student") < 10
+
+    resumed = torchrun("-m", "kdrun", f"resume={run_dir}", cwd=tmp_path)  # every rank loads last.pt
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming student" in resumed.stderr and "Data parallel: 2 processes, 32 samples per process" in resumed.stderr
     summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["teacher"]["source"] == "cache"
 
-    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "resumed_" not in str(p))
     assert files == [
         ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "checkpoints/best.pt",
         "checkpoints/final.pt", "checkpoints/last.pt", "config.yaml", "config_resolved.yaml", "kdrun.log",
         "metrics.jsonl", "summary.json",
     ]
-    rows = read_metrics(run_dir)
+    assert len(list(run_dir.glob(".hydra/resumed_*"))) == 1  # the resume's Hydra record, from rank 0 alone
+    rows, single_rows = read_metrics(run_dir), read_metrics(tmp_path / "single")
     keys = [(r["epoch"], r["model"], r["split"]) for r in rows]
     assert len(keys) == len(set(keys))  # no row twice
-    assert keys == [(r["epoch"], r["model"], r["split"]) for r in read_metrics(tmp_path / "single")]
-    log_lines = (run_dir / "kdrun.log").read_text().splitlines()
-    assert sum("student epoch 1/2" in line for line in log_lines) == 1
-    assert "Data parallel: 2 processes, 32 samples per process" in result.stderr
+    assert keys == [(r["epoch"], r["model"], r["split"]) for r in single_rows]
+    assert sum("student epoch 1/10" in line for line in (run_dir / "kdrun.log").read_text().splitlines()) == 1
 
-    # Same global batch (2 x 32 = 64): the same data per step and the mean gradient of the same
-    # samples; only float summation order differs. Losses agree to ~1e-7 (1e-4 allowed);
-    # an accuracy may move by a prediction sitting on a tie: at most one test sample (0.25%)
-    # and one validation sample (0.625%).
+    # Same global batch (2 x 32 = 64): the same samples per step and the mean gradient over them;
+    # only float summation order differs. Losses agree to ~1e-7 (1e-4 allowed); an accuracy may
+    # move by a prediction sitting on a tie: at most one test sample (0.25%) and one validation
+    # sample (0.625%). (Measured: equal accuracies.)
     assert abs(summary["student"]["test_acc"] - single["student"]["test_acc"]) <= 0.25
     assert abs(summary["student"]["best_val_acc"] - single["student"]["best_val_acc"]) <= 0.625
-    for ddp_row, one_row in zip(rows, read_metrics(tmp_path / "single")):
-        if ddp_row["model"] == "student" and ddp_row["split"] == "train":
+    for ddp_row, one_row in zip(rows, single_rows):
+        if ddp_row["model"] == "student" and ddp_row["split"] in ("train", "val"):
             assert ddp_row["loss"] == pytest.approx(one_row["loss"], rel=1e-4)
-            assert ddp_row["acc"] == pytest.approx(one_row["acc"], abs=0.1)
+            assert ddp_row["acc"] == pytest.approx(one_row["acc"], abs=0.7)
 
 
 def test_crd_memory_is_the_same_on_both_ranks(tmp_path):

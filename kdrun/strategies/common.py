@@ -58,7 +58,9 @@ def provide(ctx, label: str, model_cfg: DictConfig, training: DictConfig, role: 
     """A model trained on labels alone: from a checkpoint, the cache, or trained now and cached."""
     model = ctx.build_model(model_cfg, seed)
     given = provision(label, model, model_cfg, training, ctx, seed=seed, data_variant=data_variant)
-    ctx.metrics.write(epoch=0, model=label, split="test", acc=given.test_acc, source=given.source)
+    # A resumed run provides its models again; their row is already there.
+    if not any(r.get("model") == label and r.get("epoch") == 0 and r.get("split") == "test" for r in ctx.metrics.rows()):
+        ctx.metrics.write(epoch=0, model=label, split="test", acc=given.test_acc, source=given.source)
     return Trained(label, model, entry(role, str(model_cfg.arch), model, given.test_acc, given.best_val_acc, given.path, given.source))
 
 
