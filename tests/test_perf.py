@@ -88,6 +88,7 @@ def test_teacher_cache_is_refused_for_augmented_data(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "perf.teacher_cache=true" in lines[0] and "augment" in lines[0]
+    assert not list(tmp_path.glob("**/metrics.jsonl"))  # refused before any training
 
 
 def test_teacher_cache_turns_itself_off_above_its_limit():

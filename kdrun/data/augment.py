@@ -45,8 +45,9 @@ def random_crop(images: torch.Tensor, padding: int, fill: tuple[float, ...], gen
     """torchvision's ``RandomCrop(size, padding)`` for a whole batch: pad with ``fill``, cut a
     same-size window at a random offset per image."""
     batch, channels, height, width = images.shape
-    padded = torch.empty((batch, channels, height + 2 * padding, width + 2 * padding), dtype=images.dtype, device=images.device)
-    padded.copy_(torch.tensor(fill, dtype=images.dtype, device=images.device).view(1, -1, 1, 1).expand_as(padded))
+    padded = images.new_empty((batch, channels, height + 2 * padding, width + 2 * padding))
+    for channel, value in enumerate(fill if len(fill) == channels else fill * channels):
+        padded[:, channel].fill_(value)  # a scalar fill: no host-to-device copy, so no sync on CUDA
     padded[:, :, padding:padding + height, padding:padding + width] = images
     dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device, generator=generator)

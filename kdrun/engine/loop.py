@@ -131,7 +131,7 @@ def fit(
         task.teacher_cache = TeacherCache(
             len(data.train_set), int(CACHE_MEMORY_SHARE * free_bytes(device)), strict=perf.teacher_cache_setting is True
         )
-    if perf.teacher_cache_setting is not False:
+    if cache_note and perf.teacher_cache_setting is not False:
         log.info("%s: teacher_cache %s", title, cache_note)
     steps_per_epoch = len(data.train)
     optimizer = spec.optimizer(params=task.parameters(), **perf.optimizer_kwargs(spec.optimizer))

@@ -51,6 +51,17 @@ def validate(cfg) -> None:
             raise ConfigError(f"perf.{key} is not a perf switch; the switches are {', '.join(DEFAULTS)}")
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"perf.{key}={value!r} must be true, false or auto")
+    source = cfg.dataset.get("source") or {} if cfg.get("dataset") else {}
+    if settings(cfg)["teacher_cache"] is True and any(source.get(key) for key in ("augment", "max_shift", "noise")):
+        # Caught here from the config, before any data is loaded; Perf.place_data checks what the source declares.
+        raise ConfigError(augmented_refusal(str(cfg.dataset.get("name"))))
+
+
+def augmented_refusal(dataset: str) -> str:
+    return (
+        f"perf.teacher_cache=true but dataset {dataset} augments its training inputs, so the teacher sees new "
+        "inputs every epoch; set perf.teacher_cache=auto (or false) or turn the augmentation off"
+    )
 
 
 def free_bytes(device: torch.device) -> int:
@@ -145,10 +156,7 @@ class Perf:
         from kdrun.data import device as device_data
 
         if self.teacher_cache_setting is True and data.augmentation is not None:
-            raise ConfigError(
-                f"perf.teacher_cache=true but dataset {data.name} augments its training inputs, so the teacher "
-                "sees new inputs every epoch; set perf.teacher_cache=auto (or false) or turn the augmentation off"
-            )
+            raise ConfigError(augmented_refusal(data.name))
         setting = self.device_data
         reason = device_data.unsupported(data)
         if setting is not False and reason is None and distributed():
@@ -175,7 +183,8 @@ class Perf:
     # Teacher cache --------------------------------------------------------------------------
 
     def teacher_cache(self, task, data) -> tuple[bool, str]:
-        """Whether this fit caches the teacher's outputs, and why (for the log)."""
+        """Whether this fit caches the teacher's outputs, and why (for the log; empty
+        when the fit has no frozen teacher)."""
         from kdrun.models.ensemble import Ensemble
 
         setting = self.teacher_cache_setting
@@ -183,13 +192,10 @@ class Perf:
             return False, "off"
         teacher = getattr(task, "teacher", None)
         if teacher is None or not task.recipe.needs_teacher:
-            return False, "off (no frozen teacher in this fit)"
+            return False, ""
         if data.augmentation is not None:
             if setting is True:
-                raise ConfigError(
-                    f"perf.teacher_cache=true but dataset {data.name} augments its training inputs; "
-                    "set perf.teacher_cache=auto (or false) or turn the augmentation off"
-                )
+                raise ConfigError(augmented_refusal(data.name))
             return False, "off (training inputs are augmented)"
         if isinstance(teacher, Ensemble):
             # Its logits depend on a temperature that may follow the T schedule.
@@ -222,6 +228,8 @@ def resolve(cfg, device: torch.device) -> Perf:
         perf.optimizer_impl = "fused" if (cuda or value is True) else "foreach"
         notes["fused_optimizer"] = perf.optimizer_impl + (f" ({where})" if value == "auto" else "")
     perf.pin_memory = switch("pin_memory", cuda, where) and cuda
+    if given["pin_memory"] is True and not cuda:
+        notes["pin_memory"] = "off (no CUDA to copy to)"
     perf.persistent_workers = bool(given["persistent_workers"])
     notes["persistent_workers"] = "on" if perf.persistent_workers else "off"
     value = given["compile"]
