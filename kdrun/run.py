@@ -135,6 +135,11 @@ def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
     with run_log(run_dir) if main else nullcontext(), stop_on_signals():
         try:
             validate(cfg)
+            if int(cfg.dataset.batch_size) % distributed.world_size():
+                raise ConfigError(
+                    f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {distributed.world_size()} "
+                    f"processes (it is the global batch; each process takes 1/{distributed.world_size()} of it)"
+                )
             expand_model_lists(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)
             if main:

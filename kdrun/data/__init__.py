@@ -115,12 +115,8 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False, persistent_worke
     workers = int(cfg.num_workers)
     # Under DDP dataset.batch_size stays the global batch: each of N ranks takes 1/N of it,
     # so a config means the same training (batch, steps per epoch, schedule) on any N.
+    # (kdrun.run checks that it divides.)
     rank, ranks = distributed.rank(), distributed.world_size()
-    if int(cfg.batch_size) % ranks:
-        raise ConfigError(
-            f"dataset.batch_size={cfg.batch_size} must be divisible by the {ranks} processes "
-            f"(it is the global batch; each process takes batch_size / {ranks})"
-        )
 
     def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(seed) if shuffle else None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 
-from kdrun.errors import ConfigError
+from kdrun.errors import ConfigError, KdrunError
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +180,23 @@ def barrier() -> None:
 
 @contextmanager
 def main_first():
-    """Rank 0 runs the block (e.g. downloads into a shared cache) before the other ranks do."""
-    if not is_main():
-        barrier()
-    yield
+    """Rank 0 runs the block first (e.g. downloads into a shared cache), then the others. An
+    error of rank 0 there is raised on every rank (the others would wait for rank 0 in vain)."""
+    if not active():
+        yield
+        return
     if is_main():
-        barrier()
+        try:
+            yield
+        except Exception as err:
+            broadcast_object(err if isinstance(err, KdrunError) else KdrunError(f"rank 0 failed: {err}"))
+            raise
+        broadcast_object(None)
+    else:
+        failure = broadcast_object(None)
+        if failure is not None:
+            raise failure
+        yield
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
