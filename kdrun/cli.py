@@ -91,7 +91,7 @@ class DistributedRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if _launch_env() is not None:
             sys.stderr.write(
-                "kdrun: error: a multirun (-m) cannot itself run under torchrun or srun; start one data-parallel "
+                "a multirun (-m) cannot itself run under torchrun or srun; start one data-parallel "
                 "run per torchrun, or sweep with hydra/launcher=slurm and hydra.launcher.gpus_per_node=N\n"
             )
             sys.exit(2)
