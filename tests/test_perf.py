@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def test_auto_resolves_to_the_cpu_fallbacks():
     assert perf.notes["channels_last"] == "off (CPU)" and "auto" in perf.notes["teacher_cache"]
 
 
-def test_device_loader_gives_the_dataloader_batches():
-    cfg = make_cfg(*FAST, "dataset.batch_size=100")
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_device_loader_gives_the_dataloader_batches(drop_last):
+    cfg = make_cfg(*FAST, "dataset.batch_size=100", f"+dataset.drop_last={str(drop_last).lower()}")
     data = build_data(cfg.dataset, seed=0)
     resident = to_device(data, torch.device("cpu"))
     assert isinstance(resident.train, DeviceLoader) and len(resident.train) == len(data.train)
@@ -63,6 +65,15 @@ def test_device_loader_gives_the_dataloader_batches():
     for split in ("val", "test"):
         for ours, theirs in zip(getattr(resident, split), getattr(data, split), strict=True):
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_device_data_true_is_refused_where_it_cannot_apply():
+    data = build_data(make_cfg(*FAST).dataset, seed=0)
+    with pytest.raises(ConfigError, match="perf.device_data=true .* read from files"):
+        Perf(device_data=True).place_data(replace(data, in_memory=False))
+    auto = Perf(device_data="auto")
+    assert auto.place_data(replace(data, in_memory=False)).train is data.train
+    assert auto.notes["device_data"].startswith("off (")
 
 
 def test_device_data_gives_the_same_metrics_as_the_dataloader(tmp_path):

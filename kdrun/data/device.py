@@ -9,7 +9,6 @@ every epoch, and, with augmentation off, gives the very batches the DataLoader g
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 
 import torch
@@ -17,9 +16,6 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from kdrun.data import DataBundle, WithIndex
 from kdrun.data.augment import Augmentation
-
-# Share of free memory (device memory on CUDA, RAM on the CPU) the resident splits may take.
-MEMORY_SHARE = 0.25
 
 
 class DeviceLoader:
@@ -69,15 +65,9 @@ def materialize(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor,
 
 
 def resident_bytes(data: DataBundle) -> int:
-    """Bytes the three splits take as float32 tensors on the device."""
-    samples = len(data.train_set) + len(data.val.dataset) + len(data.test.dataset)
+    """Bytes the splits take as float32 tensors on the device."""
+    samples = len(data.train_set) + len(data.test.dataset) + (0 if data.val_is_test else len(data.val.dataset))
     return samples * math.prod(data.input_shape) * 4
-
-
-def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def unsupported(data: DataBundle) -> str | None:

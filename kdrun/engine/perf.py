@@ -35,8 +35,9 @@ DEFAULTS: dict[str, Any] = {
 }
 # torch.optim classes with fused kernels (CUDA; and CPU since torch 2.4).
 FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
-# Share of free memory (device memory on CUDA, RAM on the CPU) the teacher-output cache may take.
-CACHE_MEMORY_SHARE = 0.25
+# Shares of free memory (device memory on CUDA, RAM on the CPU) that device-resident data
+# and the teacher-output cache may each take.
+DATA_MEMORY_SHARE = CACHE_MEMORY_SHARE = 0.25
 
 
 def settings(cfg) -> dict[str, Any]:
@@ -163,8 +164,8 @@ class Perf:
             reason = "distributed run: each rank reads its shard through a DataLoader"
         if setting is not False and reason is None:
             need, free = device_data.resident_bytes(data), free_bytes(self.device)
-            if need > device_data.MEMORY_SHARE * free:
-                reason = f"{need / 2**20:.0f} MiB is more than {device_data.MEMORY_SHARE:.0%} of free memory ({free / 2**20:.0f} MiB)"
+            if need > DATA_MEMORY_SHARE * free:
+                reason = f"{need / 2**20:.0f} MiB is more than {DATA_MEMORY_SHARE:.0%} of free memory ({free / 2**20:.0f} MiB)"
         if setting is False:
             self.notes["device_data"] = "off"
             return data
