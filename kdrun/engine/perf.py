@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kdrun.engine import distributed as ranks
 from kdrun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,6 @@ def compile_problem(device: torch.device) -> str | None:
         lines = str(err).strip().splitlines()
         return f"torch.compile fails here ({type(err).__name__}: {lines[0][:160] if lines else ''})"
     return None
-
-
-def distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 @dataclass
@@ -160,7 +157,7 @@ class Perf:
             raise ConfigError(augmented_refusal(data.name))
         setting = self.device_data
         reason = device_data.unsupported(data)
-        if setting is not False and reason is None and distributed():
+        if setting is not False and reason is None and ranks.active():
             reason = "distributed run: each rank reads its shard through a DataLoader"
         if setting is not False and reason is None:
             need, free = device_data.resident_bytes(data), free_bytes(self.device)
