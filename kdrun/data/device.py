@@ -45,8 +45,9 @@ class DeviceLoader:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             stop = min(start + self.batch_size, n)
             index = order[start:stop] if order is not None else torch.arange(start, stop, device=device)
-            inputs = self.inputs[index] if order is not None else self.inputs[start:stop]
-            labels = self.labels[index] if order is not None else self.labels[start:stop]
+            # index_select, not ``tensor[index]``: the same gather with less Python overhead per batch.
+            inputs = self.inputs.index_select(0, index) if order is not None else self.inputs[start:stop]
+            labels = self.labels.index_select(0, index) if order is not None else self.labels[start:stop]
             if augment_rng is not None:
                 inputs = self.augmentation(inputs, augment_rng)
             yield (inputs, labels, index) if self.with_index else (inputs, labels)
