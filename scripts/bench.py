@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed repeats (median)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end kdrun runs")
+    parser.add_argument("--switches", nargs="+", choices=SWITCHES,
+                        help="switches to time on and off (default: each one that acts on this device; --quick leaves "
+                             "out compile)")
     parser.add_argument("--out", default="outputs/bench/bench.json")
     args = parser.parse_args()
 
@@ -292,6 +295,7 @@ def main() -> None:
     switches = [s for s in SWITCHES if cuda or s not in CUDA_ONLY]
     if args.quick:
         switches = [s for s in switches if s != "compile"]
+    switches = args.switches or switches
 
     results: dict = {
         "preset": args.preset, "overrides": overrides, "device": str(device),
