@@ -145,6 +145,13 @@ def test_device_data_augments_on_the_device():
     assert torch.equal(first[1], plain[1]) and not torch.equal(first[0], plain[0])
 
 
+def test_augmented_run_augments_on_the_device_without_the_teacher_cache(tmp_path):
+    summary = run(make_cfg(*FAST, "epochs=1", "scratch=false", "dataset.source.max_shift=2"), tmp_path)
+    assert summary["status"] == "completed"
+    log = (tmp_path / "kdrun.log").read_text()
+    assert "augmentation on the device" in log and "teacher_cache off (training inputs are augmented)" in log
+
+
 @pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.SGD])
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_fused_and_foreach_optimizers_step(optimizer, impl):
