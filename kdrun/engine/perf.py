@@ -217,8 +217,8 @@ def resolve(cfg, device: torch.device) -> Perf:
     where = "CUDA" if cuda else device.type.upper()
     perf.channels_last = switch("channels_last", cuda, f"{where}; conv nets on images only" if cuda else where)
     perf.cudnn_benchmark = switch("cudnn_benchmark", cuda, where)
-    if perf.cudnn_benchmark and cuda:
-        torch.backends.cudnn.benchmark = True
+    if cuda:  # process-wide; set either way, so an earlier run in this process does not leak into this one
+        torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     value = given["fused_optimizer"]
     if value is False:
         perf.optimizer_impl, notes["fused_optimizer"] = None, "off"
