@@ -49,8 +49,9 @@ class WeightedSum(nn.Module):
     def forward(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         active = [name for name in self.terms if self.active(name, outputs.progress)]
         parts = {f"loss/{name}": self.terms[name](outputs) for name in active}
+        weighted = [self.weights[name] * parts[f"loss/{name}"] for name in active]
         # Zero times the logits keeps a graph for backward when no term is active.
-        total = sum((self.weights[name] * parts[f"loss/{name}"] for name in active), outputs.student_logits.sum() * 0)
+        total = sum(weighted[1:], weighted[0]) if weighted else outputs.student_logits.sum() * 0
         return total, parts
 
     def retune(self, spec: Mapping[str, Mapping]) -> None:
