@@ -72,11 +72,12 @@ def test_missing_dataset_error_names_the_path(tmp_path):
     assert f"{tmp_path}/nowhere" in result.stderr and "dataset.download=true" in result.stderr
 
 
-def sigterm_when_logged(marker: str, *args: str, cwd) -> tuple[int, str]:
-    """Run kdrun, send SIGTERM once ``marker`` shows in its log; return its exit code and the rest of its log."""
+def sigterm_when_logged(marker: str, *args: str, cwd, command=(sys.executable, "-m", "kdrun")) -> tuple[int, str]:
+    """Run kdrun (or ``command``, e.g. torchrun, which passes the signal on), send SIGTERM once
+    ``marker`` shows in its log; return its exit code and the rest of its log."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [*command, *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
     )
     for line in process.stderr:
         if marker in line:

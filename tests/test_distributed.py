@@ -9,7 +9,6 @@ this file is the per-rank worker of the CRD test.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader
+
+from test_cli import sigterm_when_logged
 
 from kdrun.engine.distributed import ShardedRandomSampler, ShardedSequentialSampler, first_host, launch_env
 
@@ -90,20 +91,6 @@ def test_launch_is_read_from_torchrun_or_slurm_variables():
     assert first_host("node1,node2") == "node1" and first_host("a-[3,5]-x") == "a-3-x"
 
 
-def torchrun_until_sigterm(marker: str, *args: str, cwd: Path) -> tuple[int, str]:
-    """Start torchrun, send it SIGTERM (it passes it on to the ranks) once ``marker`` is logged."""
-    process = subprocess.Popen(
-        [*TORCHRUN, *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stderr:
-        if marker in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.stderr.read()
-    return process.wait(timeout=120), rest
-
-
 def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_one_process(tmp_path):
     from conftest import FAST, make_cfg, read_metrics, read_summary
     from kdrun.run import run
@@ -111,7 +98,7 @@ def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_
     overrides = [*FAST, "epochs=10", "scratch=false", "seed=5"]
     single = run(make_cfg(*overrides), tmp_path / "single")  # also caches the teacher both use
 
-    _, rest = torchrun_until_sigterm("student epoch 1/10", "-m", "kdrun", *overrides, cwd=tmp_path)
+    _, rest = sigterm_when_logged("student epoch 1/10", "-m", "kdrun", *overrides, cwd=tmp_path, command=TORCHRUN)
     run_dirs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(run_dirs) == 1, run_dirs  # both ranks in rank 0's directory
     run_dir = run_dirs[0]

@@ -73,3 +73,20 @@ def channel_shuffle(x, groups: int):
     batch, channels, height, width = x.shape
     x = x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
     return x.reshape(batch, channels, height, width)
+
+
+class StagedNet(nn.Module):
+    """Base of the CIFAR models: ``stem -> stage1..N -> embedding -> fc`` (``num_stages``), and
+    RepDistiller's key names mapped to ours through ``REFERENCE_RULES`` (regex, replacement)."""
+
+    REFERENCE_RULES: list[tuple[str, str]] = []
+    num_stages: int
+
+    def forward(self, x):
+        x = self.stem(x)
+        for index in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{index}")(x)
+        return self.fc(self.embedding(x))
+
+    def reference_key(self, key: str) -> str:
+        return rename(key, self.REFERENCE_RULES)

@@ -11,7 +11,7 @@ from functools import partial
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models.cifar_common import image_shape, rename
+from kdrun.models.cifar_common import StagedNet, image_shape
 
 RESNET_WIDTHS = (16, 16, 32, 64)
 RESNET_X4_WIDTHS = (32, 64, 128, 256)
@@ -42,7 +42,7 @@ class BasicBlock(nn.Module):
         return nn.functional.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedNet):
     def __init__(self, depth: int, widths: tuple, num_classes: int, in_channels: int):
         super().__init__()
         blocks_per_stage = (depth - 2) // 6
@@ -69,12 +69,6 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x):
-        x = self.stem(x)
-        for index in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{index}")(x)
-        return self.fc(self.embedding(x))
-
     # RepDistiller: conv1, bn1, layer{1..3}.{i}.(conv1|bn1|conv2|bn2|downsample.{0,1}), fc.
     REFERENCE_RULES = [
         (r"^conv1\.", "stem.0."),
@@ -83,8 +77,6 @@ class CifarResNet(nn.Module):
         (r"^layer(\d)\.", r"stage\1."),
     ]
 
-    def reference_key(self, key: str) -> str:
-        return rename(key, self.REFERENCE_RULES)
 
 
 def cifar_resnet(name: str, depth: int, widths: tuple, num_classes: int, input_shape) -> CifarResNet:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.models.cifar_common import conv_bn_relu, image_shape, init_weights, pooled_embedding, rename
+from kdrun.models.cifar_common import StagedNet, conv_bn_relu, image_shape, init_weights, pooled_embedding
 
 EXPANSION = 4
 
@@ -40,7 +40,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet50(nn.Module):
+class CifarResNet50(StagedNet):
     def __init__(self, num_classes: int, in_channels: int, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512)):
         super().__init__()
         self.stem = conv_bn_relu(in_channels, 64, 3)
@@ -67,8 +67,6 @@ class CifarResNet50(nn.Module):
         (r"^linear\.", "fc."),
     ]
 
-    def reference_key(self, key: str) -> str:
-        return rename(key, self.REFERENCE_RULES)
 
 
 def resnet50(num_classes: int, input_shape) -> CifarResNet50:

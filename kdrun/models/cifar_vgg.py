@@ -13,7 +13,7 @@ from functools import partial
 
 from torch import nn
 
-from kdrun.models.cifar_common import image_shape, init_weights, pooled_embedding, rename
+from kdrun.models.cifar_common import StagedNet, image_shape, init_weights, pooled_embedding
 
 # Widths of the convs of each group (the reference's configurations S, A, B, D, E).
 VGG_GROUPS = {
@@ -33,7 +33,7 @@ def conv_group(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(StagedNet):
     def __init__(self, groups, num_classes: int, in_channels: int, height: int):
         super().__init__()
         self.stem = conv_group(in_channels, groups[0])
@@ -47,12 +47,6 @@ class CifarVGG(nn.Module):
         self.fc = nn.Linear(groups[-1][-1], num_classes)
         init_weights(self)
 
-    def forward(self, x):
-        x = self.stem(x)
-        for index in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{index}")(x)
-        return self.fc(self.embedding(x))
-
     # RepDistiller: block0..4.{i} (conv, BN; the ReLUs hold no weights, so indices agree), classifier.
     REFERENCE_RULES = [
         (r"^block0\.", "stem."),
@@ -60,8 +54,6 @@ class CifarVGG(nn.Module):
         (r"^classifier\.", "fc."),
     ]
 
-    def reference_key(self, key: str) -> str:
-        return rename(key, self.REFERENCE_RULES)
 
 
 def cifar_vgg(name: str, num_classes: int, input_shape) -> CifarVGG:

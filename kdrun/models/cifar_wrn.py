@@ -12,7 +12,7 @@ from functools import partial
 from torch import nn
 
 from kdrun.errors import ConfigError
-from kdrun.models.cifar_common import image_shape, init_weights, pooled_embedding, rename
+from kdrun.models.cifar_common import StagedNet, image_shape, init_weights, pooled_embedding
 
 
 class PreActBlock(nn.Module):
@@ -36,7 +36,7 @@ class PreActBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedNet):
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int):
         super().__init__()
         blocks_per_stage = (depth - 4) // 6
@@ -64,8 +64,6 @@ class WideResNet(nn.Module):
         (r"^bn1\.", "head.0."),
     ]
 
-    def reference_key(self, key: str) -> str:
-        return rename(key, self.REFERENCE_RULES)
 
 
 def wide_resnet(name: str, depth: int, widen: int, num_classes: int, input_shape) -> WideResNet:

@@ -157,6 +157,13 @@ def student_section(chosen: Trained) -> dict[str, Any]:
     }
 
 
+def scratch_section(scratch: Trained | None) -> dict[str, Any] | None:
+    """The DESIGN.md ``scratch`` keys, or None when the baseline was not run."""
+    if scratch is None:
+        return None
+    return {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc, "source": scratch.entry["source"]}
+
+
 def teacher_section(trained: Trained | None) -> dict[str, Any] | None:
     if trained is None:
         return None

@@ -19,6 +19,7 @@ from kdrun.strategies.common import (
     prepare,
     provide,
     scratch_baseline,
+    scratch_section,
     student_section,
     student_training,
 )
@@ -81,8 +82,7 @@ class TeacherEnsemble:
             "teacher": {"arch": arch, "params": teacher_entry["params"], "test_acc": ensemble_acc, "source": "ensemble",
                         "path": None, "members": [t.entry for t in teachers], "weights": ensemble.weights.tolist()},
             "student": student_section(trained),
-            "scratch": None if scratch is None else {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc,
-                                                     "source": scratch.entry["source"]},
+            "scratch": scratch_section(scratch),
             "models": models,
             "_models": {"student": student, "teacher": ensemble},
         }

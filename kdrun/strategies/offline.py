@@ -16,6 +16,7 @@ from kdrun.strategies.common import (
     prepare,
     provide,
     scratch_baseline,
+    scratch_section,
     student_section,
     student_training,
     teacher_section,
@@ -56,8 +57,7 @@ class Offline:
             "loss_parts": {k: v for row in last_train for k, v in row.items() if k.startswith("loss/")},
             "teacher": teacher_section(teacher),
             "student": student_section(trained),
-            "scratch": None if scratch is None else {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc,
-                                                     "source": scratch.entry["source"]},
+            "scratch": scratch_section(scratch),
             "models": {label: m.entry for label, m in models.items() if m is not None},
             "_models": {"student": student, "teacher": teacher.model if teacher else None},
         }

@@ -21,6 +21,7 @@ from kdrun.strategies.common import (
     prepare,
     require_logit_recipe,
     scratch_baseline,
+    scratch_section,
     student_section,
     student_training,
 )
@@ -105,8 +106,7 @@ class Online:
             "recipe_weights": dict(recipe.weights),
             "teacher": None,
             "student": student_section(chosen),
-            "scratch": None if scratch is None else {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc,
-                                                     "source": scratch.entry["source"]},
+            "scratch": scratch_section(scratch),
             "ensemble": {"test_acc": ensemble.test_acc, "members": list(trained)},
             "models": models,
             "_models": {"student": chosen.model, "teacher": None},

@@ -17,6 +17,7 @@ from kdrun.strategies.common import (
     export_student,
     provide,
     scratch_baseline,
+    scratch_section,
     student_section,
     teacher_section,
 )
@@ -60,8 +61,7 @@ class Progressive:
             "recipe_weights": dict(recipe.weights),
             "teacher": teacher_section(teacher),
             "student": student_section(student),
-            "scratch": None if scratch is None else {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc,
-                                                     "source": scratch.entry["source"]},
+            "scratch": scratch_section(scratch),
             "chain": [{"model": t.label, "arch": t.entry["arch"], "test_acc": t.test_acc} for t in [teacher, *trained]],
             "models": models,
             "_models": {"student": student.model, "teacher": teacher.model},

@@ -25,6 +25,7 @@ from kdrun.strategies.common import (
     prepare,
     require_logit_recipe,
     scratch_baseline,
+    scratch_section,
     student_section,
     student_training,
 )
@@ -184,8 +185,7 @@ class SelfDistill:
             "recipe_weights": dict(recipe.weights),
             "teacher": None,
             "student": student_section(trained),
-            "scratch": None if scratch is None else {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc,
-                                                     "source": scratch.entry["source"]},
+            "scratch": scratch_section(scratch),
             "heads": {label: {"tap": m["tap"], "test_acc": m["test_acc"]} for label, m in models.items() if m.get("tap")},
             "models": models,
             "_models": {"student": student, "teacher": None},
