@@ -95,7 +95,7 @@ def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_
     from conftest import FAST, make_cfg, read_metrics, read_summary
     from kdrun.run import run
 
-    overrides = [*FAST, "epochs=10", "scratch=false", "seed=5"]
+    overrides = [*FAST, "epochs=10", "scratch=false", "seed=23"]
     single = run(make_cfg(*overrides), tmp_path / "single")  # also caches the teacher both use
 
     _, rest = sigterm_when_logged("student epoch 1/10", "-m", "kdrun", *overrides, cwd=tmp_path, command=TORCHRUN)
