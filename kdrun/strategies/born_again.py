@@ -40,9 +40,10 @@ class BornAgain:
         if not recipe.needs_teacher:
             raise ConfigError(f"strategy=born_again needs a recipe with a distillation term (e.g. loss=kd); got {recipe}")
         gen0_cfg = cfg.student if strategy.gen0 == "student" else cfg.teacher
-        check_recipe(recipe, ctx.build_model(cfg.student), ctx.build_model(gen0_cfg))
+        gen0_model = ctx.build_model(gen0_cfg)
+        check_recipe(recipe, ctx.build_model(cfg.student), gen0_model)
         training = student_training(cfg) if strategy.gen0 == "student" else cfg.teacher_training
-        previous = provide(ctx, "gen0", gen0_cfg, training, "generation")
+        previous = provide(ctx, "gen0", gen0_cfg, training, "generation", model=gen0_model)
         log.info("Born-again: generation 0 is %s (%s), test acc %.2f%%; %d generation(s) follow",
                  gen0_cfg.arch, previous.entry["source"], previous.test_acc, generations)
 

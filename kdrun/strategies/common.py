@@ -54,9 +54,13 @@ def student_training(cfg: DictConfig) -> DictConfig:
 
 
 def provide(ctx, label: str, model_cfg: DictConfig, training: DictConfig, role: str, seed: int | None = None,
-            data_variant: dict | None = None) -> Trained:
-    """A model trained on labels alone: from a checkpoint, the cache, or trained now and cached."""
-    model = ctx.build_model(model_cfg, seed)
+            data_variant: dict | None = None, model: nn.Module | None = None) -> Trained:
+    """A model trained on labels alone: from a checkpoint, the cache, or trained now and cached.
+
+    ``model`` is the freshly built model when the caller already built it (with the same
+    ``seed``) to check the recipe's taps; otherwise it is built here.
+    """
+    model = ctx.build_model(model_cfg, seed) if model is None else model
     given = provision(label, model, model_cfg, training, ctx, seed=seed, data_variant=data_variant)
     # A resumed run provides its models again; their row is already there.
     if not any(r.get("model") == label and r.get("epoch") == 0 and r.get("split") == "test" for r in ctx.metrics.rows()):
@@ -134,6 +138,14 @@ def finish_model(ctx, label: str, model: nn.Module, role: str, arch: str, epochs
     log.info("%s (%s): test acc %.2f%% (best val %s)", label, arch, test_acc,
              "-" if best_val_acc is None else f"{best_val_acc:.2f}%")
     return Trained(label, model, entry(role, arch, model, test_acc, best_val_acc, final))
+
+
+def best_val_accs(ctx, labels) -> dict[str, float | None]:
+    """Each model's best validation accuracy in this run's ``metrics.jsonl`` (models the loop
+    evaluated beside the student: peers, auxiliary heads)."""
+    rows = ctx.metrics.rows()
+    return {label: max((r["acc"] for r in rows if r["model"] == label and r["split"] == "val"), default=None)
+            for label in labels}
 
 
 def export_student(ctx, chosen: Trained) -> None:

@@ -44,12 +44,13 @@ class TeacherEnsemble:
         if not recipe.needs_teacher:
             raise ConfigError(f"strategy=ensemble needs a recipe with a distillation term (e.g. loss=kd); got {recipe}")
         student = ctx.build_model(cfg.student)
-        check_recipe(recipe, student, Ensemble([ctx.build_model(c) for c in members]))
-
-        # Member i is seeded with seed + i: copies of one arch differ, and member 1 is the
+        # Member i is seeded with seed + i - 1: copies of one arch differ, and member 1 is the
         # teacher that offline KD with the same seed uses (the cache serves both).
-        teachers = [provide(ctx, f"teacher{i}", member, cfg.teacher_training, "teacher", seed=int(cfg.seed) + i - 1)
-                    for i, member in enumerate(members, start=1)]
+        seeds = [int(cfg.seed) + i for i in range(len(members))]
+        built = [ctx.build_model(member, seed) for member, seed in zip(members, seeds)]
+        check_recipe(recipe, student, Ensemble(built))
+        teachers = [provide(ctx, f"teacher{i}", member, cfg.teacher_training, "teacher", seed=seed, model=model)
+                    for i, (member, seed, model) in enumerate(zip(members, seeds, built), start=1)]
         ensemble = Ensemble([t.model for t in teachers], weights, T=float(cfg.T)).to(ctx.device)
         arch = "ensemble(" + ",".join(t.entry["arch"] for t in teachers) + ")"
         ensemble.T = 1.0

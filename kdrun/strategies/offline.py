@@ -33,10 +33,12 @@ class Offline:
         recipe = build_recipe(cfg.loss)
         log.info("Recipe: %s", recipe)
         student = ctx.build_model(cfg.student)
+        teacher = None
         if recipe.needs_teacher:
+            teacher_model = ctx.build_model(cfg.teacher)
             # Fail fast on bad taps, before any teacher training.
-            check_recipe(recipe, student, ctx.build_model(cfg.teacher))
-        teacher = provide(ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher") if recipe.needs_teacher else None
+            check_recipe(recipe, student, teacher_model)
+            teacher = provide(ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher", model=teacher_model)
 
         if recipe.needs_index:
             ctx.data = ctx.data.indexed()

@@ -15,6 +15,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses import StepOutputs, WeightedSum, build_recipe
 from kdrun.models.ensemble import Ensemble, average_probs_logits
 from kdrun.strategies.common import (
+    best_val_accs,
     export_student,
     finish_model,
     knob_schedule,
@@ -87,8 +88,7 @@ class Online:
                 "config": OmegaConf.to_container(cfg, resolve=True)}
         result = ctx.fit(task, fit_spec(student_training(cfg)), "peers", ckpt_dir, meta, title=f"{len(peers)} peers")
 
-        best_val = {label: max((r["acc"] for r in ctx.metrics.rows() if r["model"] == label and r["split"] == "val"), default=None)
-                    for label in peers}
+        best_val = best_val_accs(ctx, peers)
         trained = {
             label: finish_model(ctx, label, peer, "peer", str(peer_cfgs[label].arch), result.epochs, best_val[label],
                                 ctx.run_dir / "checkpoints" / label)

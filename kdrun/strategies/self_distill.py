@@ -19,6 +19,7 @@ from kdrun.errors import ConfigError
 from kdrun.features import FeatureTaps, check_paths, resolve_path
 from kdrun.losses import StepOutputs, WeightedSum, build_recipe
 from kdrun.strategies.common import (
+    best_val_accs,
     entry,
     finish_model,
     knob_schedule,
@@ -167,13 +168,14 @@ class SelfDistill:
         trained = finish_model(ctx, "student", student, "deepest", str(cfg.student.arch), result.epochs,
                                result.best_val_acc, ckpt_dir, meta)
         models = {}
+        head_models = task.head_models()
+        best_val = best_val_accs(ctx, head_models)
         with task:  # the heads read the student's taps
-            for label, head_model in task.head_models().items():
-                best_val = max((r["acc"] for r in ctx.metrics.rows() if r["model"] == label and r["split"] == "val"), default=None)
+            for label, head_model in head_models.items():
                 test_acc, test_loss = evaluate(head_model, ctx.data.test, ctx.device)
                 ctx.metrics.write(epoch=result.epochs, model=label, split="test", acc=test_acc, loss=test_loss)
                 models[label] = {**entry("auxiliary", f"{cfg.student.arch}[:{head_model.path}]+head", head_model, test_acc,
-                                         best_val, ckpt_dir / "last.pt"),
+                                         best_val[label], ckpt_dir / "last.pt"),
                                  "params": count_params(head_model.head) + count_params_upto(student, head_model.path),
                                  "tap": head_model.path}
         models["student"] = trained.entry

@@ -62,7 +62,8 @@ class Unlabeled:
         if not recipe.needs_teacher:
             raise ConfigError(f"strategy=unlabeled needs a recipe with a distillation term (e.g. loss=kd); got {recipe}")
         student = ctx.build_model(cfg.student)
-        check_recipe(recipe, student, ctx.build_model(cfg.teacher))
+        teacher_model = ctx.build_model(cfg.teacher)
+        check_recipe(recipe, student, teacher_model)
 
         full = ctx.data.train_set
         labeled, hidden = labeled_split(len(full), fraction, int(cfg.seed))
@@ -70,7 +71,8 @@ class Unlabeled:
                  len(labeled), len(full), 100 * fraction)
         variant = {"labeled_fraction": fraction, "labeled_samples": len(labeled)}
         labeled_ctx = replace(ctx, data=ctx.data.with_train_set(Subset(full, labeled)))
-        teacher = provide(labeled_ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher", data_variant=variant)
+        teacher = provide(labeled_ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher", data_variant=variant,
+                          model=teacher_model)
         # The baseline the gain is measured against: the student on the labelled share alone.
         scratch = provide(labeled_ctx, "scratch", cfg.student, student_training(cfg), "scratch", data_variant=variant)
 
