@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 
 import hydra
@@ -13,8 +14,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from kdrun.config import metric_value, register_resolvers
-from kdrun.errors import ConfigError, Interrupted, KdrunError
+from kdrun import console
+from kdrun.config import metric_value, register_resolvers, suggest_key
+from kdrun.errors import Interrupted, KdrunError
 
 log = logging.getLogger("kdrun")
 register_resolvers()  # before Hydra composes: conf/ uses them
@@ -97,14 +99,6 @@ class DistributedRun(Callback):
             sys.exit(2)
 
 
-def _check_resume_overrides() -> None:
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
-    if overrides:
-        raise ConfigError(
-            f"resume uses the saved config of the run; drop the other overrides ({' '.join(overrides)})"
-        )
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _app(cfg: DictConfig) -> float | None:
     if isinstance(sys.stderr, _StderrGate):
@@ -112,8 +106,7 @@ def _app(cfg: DictConfig) -> float | None:
     from kdrun.engine import distributed
     from kdrun.run import run  # the heavy imports wait until the config is known to be good
 
-    distributed.quiet_other_ranks()  # under SLURM tasks Hydra gave every rank kdrun.log
-
+    console.VERBOSE = bool(cfg.get("verbose", False))
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     # The group options (loss=crd, ...) are known only to Hydra; kept in the config, they are saved
     # with the run (and survive resume), and experiments pick their published number by them.
@@ -123,8 +116,6 @@ def _app(cfg: DictConfig) -> float | None:
             if option is not None and not group.startswith("hydra")
         }
     try:
-        if cfg.get("resume"):
-            _check_resume_overrides()
         summary = run(cfg)
     except KdrunError as err:
         log.debug("kdrun error", exc_info=True)
@@ -151,7 +142,11 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def _condense(text: str) -> str:
-    """One line from Hydra's multi-line error text (drops the search path and hints)."""
+    """One line from Hydra's multi-line error text (drops the search path and hints). An unknown
+    key gets the nearest known one, not Hydra's advice to add it with ``+``."""
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown and "is not in struct" in text:
+        return suggest_key(unknown.group(1), sys.argv[1:])
     message, options = [], []
     for line in text.splitlines():
         line = line.strip()

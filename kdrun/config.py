@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
+import math
 import os
-import sys
+import re
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.engine import checkpoint, perf as fast_paths
+from kdrun.engine.schedule import RAMPS
 from kdrun.errors import ConfigError, KdrunError
 
 
+def job_dir(number, overrides: str = "") -> str:
+    """A sweep job's directory name: the zero-padded job number (so they sort in order) and its
+    overrides, with ``=`` and ``,`` (and anything else a command line would need quoted) replaced,
+    so ``kdrun resume=<sweep>/003_T-4_alpha-0.9`` works as printed."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(overrides).replace(",", "_").replace("=", "-")).strip("-")
+    return f"{int(number):03d}" + (f"_{safe}" if safe else "")
+
+
 def register_resolvers() -> None:
-    """Resolvers used in conf/: ``${one_minus:${alpha}}`` and ``${if_set:${resume},a,b}``."""
+    """Resolvers used in conf/: ``${one_minus:${alpha}}``, ``${if_set:${resume},a,b}`` and
+    ``${job_dir:${hydra.job.num},${hydra.job.override_dirname}}``."""
     if not OmegaConf.has_resolver("one_minus"):
         OmegaConf.register_new_resolver("one_minus", lambda x: round(1.0 - float(x), 12))
+    if not OmegaConf.has_resolver("job_dir"):
+        OmegaConf.register_new_resolver("job_dir", job_dir)
     if not OmegaConf.has_resolver("if_set"):
         OmegaConf.register_new_resolver("if_set", lambda value, when_set, otherwise: otherwise if value in (None, "") else when_set)
 
@@ -76,10 +90,36 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _number(cfg: DictConfig, key: str, kind=float):
-    value = OmegaConf.select(cfg, key)
+    """The number at ``key``; a ConfigError naming the field for anything else (a string, a bool,
+    nan or inf)."""
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception as err:  # an interpolation that does not resolve
+        raise ConfigError(f"{key} cannot be read ({str(err).splitlines()[0]})") from err
+    what = "an integer" if kind is int else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
+        raise ConfigError(f"{key}={value!r} must be {what}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number")
     return value
+
+
+def _at_least(cfg: DictConfig, key: str, low: float, kind=float, strict: bool = False, why: str = "") -> None:
+    value = _number(cfg, key, kind)
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{key}={value} must be {'>' if strict else '>='} {low:g}{why}")
+
+
+def check_finite_tree(node, where: str) -> None:
+    """No nan or inf anywhere under ``where`` (loss settings, optimizer, schedules)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite_tree(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_finite_tree(value, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where}={node} must be a finite number")
 
 
 # summary.json values a job can hand to a sweeper (``optimize_metric``; the Optuna sweeper maximises it).
@@ -96,19 +136,6 @@ def validate_optimize_metric(cfg: DictConfig) -> str:
     return metric
 
 
-class SweepCheck(Callback):
-    """Checks optimize_metric once before a multirun's first job: a bad name would otherwise
-    fail every trial of an Optuna search in turn. (Registered in conf/hydra/default.yaml.)"""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        try:
-            validate_optimize_metric(config)
-        except ConfigError as err:
-            # Hydra turns a callback's exception into a warning; bad input ends the command instead.
-            sys.stderr.write(f"{err}\n")
-            sys.exit(err.exit_code)
-
-
 def metric_value(summary: dict, metric: str) -> float | None:
     """The value at a dotted path of summary.json (None where the run did not produce it)."""
     value = summary
@@ -117,41 +144,113 @@ def metric_value(summary: dict, metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def top_level_keys() -> set[str]:
+    """The keys a composed kdrun config may have at its top: train.yaml's, its groups', and what the
+    command line adds (``choices``)."""
+    text = (importlib.resources.files("kdrun.conf") / "train.yaml").read_text()
+    train = yaml.safe_load(text)
+    defaults = train.pop("defaults", [])
+    groups = {next(iter(item)) if isinstance(item, dict) else str(item) for item in defaults}
+    groups = {group.split("@")[-1].split("/")[-1].removeprefix("override ").strip() for group in groups}
+    return (set(train) | groups | {"choices", "hydra"}) - {"_self_"}
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """An unknown top-level key (a typo added with ``+``) is refused with the nearest known one."""
+    known = top_level_keys()
+    for key in cfg.keys():
+        if key not in known:
+            raise ConfigError(suggest_key(str(key), []))
+
+
+def suggest_key(key: str, argv: list[str]) -> str:
+    """The error for an unknown ``key`` on the command line, with the nearest known key: among
+    the top-level keys, or the keys beside it in the config composed with the command's group
+    choices (``loss=dkd loss.dkd.Tt=3`` -> ``T``)."""
+    parent, _, leaf = key.rpartition(".")
+    if not parent:
+        known = sorted(top_level_keys() - {"hydra", "choices"})
+    else:
+        from hydra import compose, initialize_config_dir
+
+        choices = [a for a in argv if "=" in a and "." not in a.split("=", 1)[0] and not a.startswith(("+", "~", "-"))]
+        try:
+            with initialize_config_dir(config_dir=str(importlib.resources.files("kdrun.conf")), version_base="1.3"):
+                node = OmegaConf.select(compose(config_name="train", overrides=choices), parent)
+            known = sorted(node.keys()) if OmegaConf.is_dict(node) else []
+        except Exception:  # noqa: BLE001 - a suggestion is a courtesy; the error stands without it
+            known = []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else (
+        f"; the keys there are {', '.join(known)}" if known and len(known) <= 30 else "")
+    return f"{key} is not a kdrun setting{hint} (kdrun --cfg job shows the whole config)"
+
+
+def check_name(cfg: DictConfig) -> None:
+    """``name`` becomes one directory name under outputs/runs/: one path component."""
+    name = str(cfg.get("name"))
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise ConfigError(f"name={name!r} must be a single directory name (no '/', not '.' or '..')")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a user is likely to get wrong; raise ConfigError naming field, value and what is allowed."""
+    check_keys(cfg)
     validate_optimize_metric(cfg)
+    check_name(cfg)
     alpha = _number(cfg, "alpha")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha={alpha} is outside [0, 1] (the weight of the distillation term)")
-    T = _number(cfg, "T")
-    if T <= 0:
-        raise ConfigError(f"T={T} must be > 0 (the softmax temperature)")
+    _at_least(cfg, "T", 0, strict=True, why=" (the softmax temperature)")
     for key in ("epochs", "teacher_training.epochs"):
-        if _number(cfg, key, int) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+        _at_least(cfg, key, 1, int)
     _number(cfg, "seed", int)
-    if _number(cfg, "dataset.batch_size", int) < 1:
-        raise ConfigError(f"dataset.batch_size={cfg.dataset.batch_size} must be >= 1")
+    _at_least(cfg, "dataset.batch_size", 1, int)
+    _at_least(cfg, "dataset.num_workers", 0, int)
     val_fraction = _number(cfg, "dataset.val_fraction")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction={val_fraction} must be in [0, 1)")
-    if cfg.grad_clip is not None and _number(cfg, "grad_clip") <= 0:
-        raise ConfigError(f"grad_clip={cfg.grad_clip} must be > 0, or null for no clipping")
+    for prefix in ("optim", "teacher_training.optim"):
+        _at_least(cfg, f"{prefix}.lr", 0, why=" (the learning rate)")
+        if OmegaConf.select(cfg, f"{prefix}.weight_decay") is not None:
+            _at_least(cfg, f"{prefix}.weight_decay", 0)
+    for key in ("grad_clip", "teacher_training.grad_clip"):
+        if OmegaConf.select(cfg, key) is not None:
+            _at_least(cfg, key, 0, strict=True, why=", or null for no clipping")
     if cfg.scratch not in (True, False, "auto"):
         raise ConfigError(f"scratch={cfg.scratch!r} must be true, false or auto")
+    for section in ("loss", "optim", "sched", "dataset", "strategy", "teacher", "student"):
+        if cfg.get(section) is not None:
+            check_finite_tree(OmegaConf.to_container(cfg[section], resolve=True), section)
+    for name in cfg.get("loss") or {}:
+        weight = OmegaConf.select(cfg, f"loss.{name}.weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
     fast_paths.validate(cfg)
     validate_schedule(cfg)
     resolve_device(str(cfg.device))
-    given = cfg.teacher.get("checkpoint")
-    if given:
-        if not Path(os.path.expanduser(str(given))).is_file():
-            raise ConfigError(f"teacher.checkpoint={given} does not exist")
-        checkpoint.load(given, "teacher.checkpoint")  # corrupt files fail here, before any work
+    for role in ("teacher", "student"):
+        given = cfg[role].get("checkpoint")
+        if given:  # missing, directory or corrupt files fail here, before any work
+            path = Path(os.path.expanduser(str(given)))
+            if path.is_dir():
+                raise ConfigError(f"{role}.checkpoint={given} is a directory; give the checkpoint file in it, e.g. {given}/best.pt")
+            if not path.is_file():
+                raise ConfigError(f"{role}.checkpoint={given} does not exist")
+            checkpoint.load(path, f"{role}.checkpoint")
+    validate_strategy(cfg)
+
+
+def validate_strategy(cfg: DictConfig) -> None:
+    """The strategy's own settings (its ``check``), before anything is written."""
+    runner = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.get('name')}")
+    check = getattr(runner, "check", None)
+    if check is not None:
+        check(cfg)
+    expand_model_lists(cfg)
 
 
 def validate_schedule(cfg: DictConfig) -> None:
-    from kdrun.engine.schedule import RAMPS
-
     for knob, spec in (cfg.get("schedule") or {}).items():
         where = f"schedule.{knob}"
         if spec.get("kind") not in RAMPS:
@@ -168,23 +267,29 @@ def validate_schedule(cfg: DictConfig) -> None:
                 raise ConfigError(f"{where}.{end}={value} must be > 0")
             if spec.kind == "exp" and value <= 0:
                 raise ConfigError(f"{where}.{end}={value} must be > 0 for an exp ramp")
+        if spec.kind == "constant" and knob in cfg and (spec.start != cfg[knob] or spec.end != cfg[knob]):
+            # A constant schedule holds the knob at start: the top-level value would be logged but not used.
+            raise ConfigError(
+                f"{where}.start={spec.start} conflicts with {knob}={cfg[knob]} ({where}.kind is constant, so the knob "
+                f"would train at {spec.start}); set {knob}={spec.start} instead, or give {where} a kind that moves it"
+            )
 
 
-# Strategy keys that list models by their option name in a config group.
-MODEL_LISTS = {"peers": "student", "chain": "student", "teachers": "teacher"}
+# Strategy keys that list models by their option name in the model group.
+MODEL_LISTS = ("peers", "chain", "teachers")
 
 
-def group_option(group: str, option: str) -> dict:
-    """The config of ``option`` in ``group`` (e.g. student ``cnn``), from the same search
-    path as the running app (so ``--config-dir`` options work too)."""
+def group_option(option: str) -> dict:
+    """The config of model ``option`` (e.g. ``cnn_small``), from the same search path as the
+    running app (so ``--config-dir`` options work too)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     def pick() -> dict:
-        composed = compose(config_name="train", overrides=[f"{group}={option}"])
-        return OmegaConf.to_container(composed[group], resolve=True)
+        composed = compose(config_name="train", overrides=[f"student={option}"])
+        return OmegaConf.to_container(composed.student, resolve=True)
 
     try:
         if GlobalHydra.instance().is_initialized():
@@ -192,14 +297,14 @@ def group_option(group: str, option: str) -> dict:
         with initialize_config_dir(config_dir=str(importlib.resources.files("kdrun.conf")), version_base="1.3"):
             return pick()
     except (HydraException, OmegaConfBaseException) as err:
-        options = sorted(p.stem for p in (importlib.resources.files("kdrun.conf") / group).iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"no {group} option {option!r}; available: {', '.join(options)}") from err
+        options = sorted(p.stem for p in (importlib.resources.files("kdrun.conf") / "model").iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"no model option {option!r}; available: {', '.join(options)}") from err
 
 
 def expand_model_lists(cfg: DictConfig) -> None:
     """Replace option names in ``strategy.peers/chain/teachers`` by their configs, in place,
     so the saved config holds the models themselves (and a resumed run rebuilds the same)."""
-    for key, group in MODEL_LISTS.items():
+    for key in MODEL_LISTS:
         listed = cfg.strategy.get(key)
         if not OmegaConf.is_list(listed):
             continue
@@ -207,12 +312,12 @@ def expand_model_lists(cfg: DictConfig) -> None:
         for i, item in enumerate(listed):
             if isinstance(item, str):
                 try:
-                    expanded.append(group_option(group, item))
+                    expanded.append(group_option(item))
                 except ConfigError as err:
                     raise ConfigError(f"strategy.{key}[{i}]={item}: {err}") from None
             elif OmegaConf.is_dict(item) and "_target_" in item and "arch" in item:
                 expanded.append(item)
             else:
-                raise ConfigError(f"strategy.{key}[{i}]={item!r} must be a {group} option name (or a model config with arch and _target_)")
+                raise ConfigError(f"strategy.{key}[{i}]={item!r} must be a model option name (or a model config with arch and _target_)")
         with open_dict(cfg):
             cfg.strategy[key] = expanded

@@ -1,4 +1,4 @@
-"""What a strategy gets to work with: config, data, device, run directory, model builder."""
+"""What a strategy gets to work with: config, data, task, device, run directory, model builder."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from omegaconf import DictConfig
 
 from kdrun import models
 from kdrun.data import DataBundle
-from kdrun.engine.loop import FitResult, FitSpec, fit
+from kdrun.engine.loop import FitResult, FitRun, FitSpec, fit
 from kdrun.engine.perf import Perf
 from kdrun.reporting.metrics import MetricsLog
+from kdrun.tasks import Task
 
 
 @dataclass
@@ -21,6 +22,7 @@ class RunContext:
     cfg: DictConfig
     run_dir: Path
     data: DataBundle
+    task: Task
     device: torch.device
     metrics: MetricsLog
     perf: Perf = field(default_factory=Perf)
@@ -31,9 +33,8 @@ class RunContext:
         torch.manual_seed(int(self.cfg.seed) if seed is None else seed)
         return models.build(model_cfg, self.data.num_classes, self.data.input_shape)
 
-    def fit(self, task, spec: FitSpec, label: str, ckpt_dir: Path, meta: dict, title: str | None = None) -> FitResult:
-        return fit(
-            task, self.data, spec, label=label, ckpt_dir=ckpt_dir, metrics=self.metrics,
-            device=self.device, seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta, title=title,
-            perf=self.perf,
-        )
+    def fit(self, distiller, spec: FitSpec, name: str, ckpt_dir: Path, meta: dict, title: str | None = None,
+            data: DataBundle | None = None, stream: str | None = None, metrics: MetricsLog | None = None) -> FitResult:
+        run = FitRun(name=name, ckpt_dir=ckpt_dir, metrics=metrics or self.metrics, device=self.device,
+                     seed=int(self.cfg.seed), amp=bool(self.cfg.amp), meta=meta, title=title, stream=stream, perf=self.perf)
+        return fit(distiller, data or self.data, spec, run)

@@ -1,9 +1,13 @@
-"""``run(cfg)``: one kdrun job from a composed config to a metrics dict (no shell needed)."""
+"""``run(cfg)``: one kdrun job from a composed config to a summary dict (no shell needed).
+
+The data flow of a run: validate the config; build the data, the task and the device's fast
+paths; the strategy trains and returns a result; the scratch baseline is trained once;
+:mod:`kdrun.reporting.summary` turns result and baseline into ``summary.json`` and the headline.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -15,14 +19,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import data as datasets
+from kdrun import teacher_cache
 from kdrun.config import expand_model_lists, instantiate_user, register_resolvers, resolve_device, validate
 from kdrun.context import RunContext
+from kdrun.data import device as device_data
 from kdrun.engine import distributed
 from kdrun.engine import perf as fast_paths
-from kdrun.engine.loop import STOP
+from kdrun.engine.loop import Placement
+from kdrun.engine.stats import STOP
 from kdrun.errors import ConfigError, Interrupted, KdrunError
+from kdrun.losses.recipe import recipe_from
+from kdrun.provision import provision
+from kdrun.reporting import summary as reporting
 from kdrun.reporting.metrics import MetricsLog
-from kdrun.reporting.summary import distillation_figures, headline, versions, write_summary
+from kdrun.strategies.base import Baseline, Strategy, StrategyResult, TrainedModel, check_recipe_fits
+from kdrun.strategies.common import student_training
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +50,10 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 
 def resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """The saved config of the run to resume, and its directory.
+    """The saved config of the run to resume, and its directory (see :mod:`kdrun.resume`)."""
+    from kdrun.resume import saved_config
 
-    ``config.yaml`` keeps the interpolations (schedules re-resolve ``${T}`` and
-    ``${alpha}`` per epoch); runs from before it existed resume from ``config_resolved.yaml``.
-    """
-    run_dir = Path(os.path.expanduser(str(cfg.resume))).resolve()
-    saved = next((path for path in (run_dir / "config.yaml", run_dir / "config_resolved.yaml") if path.is_file()), None)
-    if not has_checkpoints(run_dir) or saved is None:
-        raise ConfigError(f"resume={cfg.resume}: no kdrun run there (config_resolved.yaml or checkpoints/last.pt is missing)")
-    resumed = OmegaConf.load(saved)
-    resumed.resume = str(run_dir)
-    return resumed, run_dir
+    return saved_config(str(cfg.resume))
 
 
 @contextmanager
@@ -114,78 +117,32 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
     distributed.quiet_other_ranks()
     main = distributed.is_main()
-    # Every rank works in rank 0's directory (a ${now:...} in its name may differ between ranks).
-    run_dir = Path(distributed.broadcast_object(
-        str(run_dir or hydra_run_dir() or Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    ))
+    given = run_dir or hydra_run_dir()
+    # Under Hydra the CLI gave every rank rank 0's directory; otherwise a ${now}-style default may
+    # differ between ranks, so rank 0's is taken.
+    run_dir = Path(given) if given else Path(distributed.broadcast_object(str(Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))))
+    validate(cfg)  # before anything is written: a refused run changes nothing on disk
+    if not cfg.get("resume") and distributed.broadcast_object(has_checkpoints(run_dir)):
+        raise ConfigError(
+            f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} or choose another hydra.run.dir"
+        )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     summary: dict[str, Any] = {
-        "status": "running", "error": None, "name": cfg.get("name"), "strategy": None, "dataset": None,
+        "status": "running", "error": None, "name": cfg.get("name"), "strategy": None, "dataset": None, "task": None,
         "student": None, "teacher": None, "scratch": None, "models": {}, "wall_time_s": None, "run_dir": str(run_dir),
-        "seed": cfg.get("seed"), "versions": versions(),
+        "seed": cfg.get("seed"), "versions": reporting.versions(),
     }
-    if not cfg.get("resume") and distributed.broadcast_object(has_checkpoints(run_dir)):
-        # Raised before summary.json is touched: the earlier run's files stay as they are.
-        raise ConfigError(
-            f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} "
-            "or choose another hydra.run.dir"
-        )
     with run_log(run_dir) if main else nullcontext(), stop_on_signals():
         try:
-            validate(cfg)
-            if int(cfg.dataset.batch_size) % distributed.world_size():
-                raise ConfigError(
-                    f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {distributed.world_size()} "
-                    f"processes (it is the global batch; each process takes 1/{distributed.world_size()} of it)"
-                )
-            expand_model_lists(cfg)
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            if main:
-                (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-            device = distributed.local_device(str(cfg.device)) or resolve_device(str(cfg.device))
-            perf = fast_paths.resolve(cfg, device)
-            torch.manual_seed(int(cfg.seed))
-            with distributed.main_first():  # rank 0 downloads or generates the data, the others then read it
-                data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=perf.pin_memory,
-                                      persistent_workers=perf.persistent_workers)
-            data = perf.place_data(data)
-            summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
-            log.info(
-                "kdrun %s: %s on %s (%s), run dir %s", summary["versions"]["kdrun"], cfg.strategy.name,
-                data.name, device, run_dir,
-            )
-            log.info("%s", perf.describe())
-            if distributed.active():
-                log.info(
-                    "Data parallel: %d processes, %d samples per process and step (dataset.batch_size=%d is the "
-                    "global batch); rank 0 writes the files", distributed.world_size(),
-                    int(cfg.dataset.batch_size) // distributed.world_size(), int(cfg.dataset.batch_size),
-                )
-            if data.val_is_test:
-                log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
-            strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
-            summary["strategy"] = str(cfg.strategy.name)
-            ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, device=device, metrics=MetricsLog.for_run(run_dir, cfg.get("logger")),
-                             perf=perf)
-            distributed.barrier()  # the other ranks have read metrics.jsonl (resume) before rank 0 appends
-            sections = strategy.run(ctx)
-            trained = sections.pop("_models")
-            summary.update(sections)
-            probe = next(iter(data.test))[0][:SPEED_BATCH].to(device)
-            if cfg.get("published"):
-                summary["published"] = OmegaConf.to_container(cfg.published, resolve=True)
-            summary["figures"] = distillation_figures(summary, trained["student"], trained.get("teacher"), probe)
+            summary.update(_train_and_report(cfg, run_dir, summary))
             summary["status"] = "completed"
-            log.info("Result:\n%s", headline(summary))
+            log.info("Result:\n%s", reporting.headline(summary))
         except (KeyboardInterrupt, Interrupted) as err:
             summary.update(status="interrupted", error=str(err) or "interrupted by Ctrl-C")
             log.warning("%s", summary["error"])
-            raise Interrupted(
-                f"interrupted; checkpoints/last.pt holds the last completed epoch; carry on with: kdrun resume={run_dir}"
-            ) from err
+            raise Interrupted(f"{summary['error']}; carry on with: kdrun resume={run_dir}") from err
         except KdrunError as err:
             summary.update(status="failed", error=str(err))
             raise
@@ -195,5 +152,83 @@ def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
         finally:
             summary["wall_time_s"] = round(time.time() - started, 3)
             if main:
-                write_summary(run_dir, summary)
+                reporting.write_summary(run_dir, summary)
     return summary
+
+
+def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The run itself: set-up, the strategy, the baseline; returns the summary's sections."""
+    ctx, strategy = _set_up(cfg, run_dir, summary)
+    result = strategy.run(ctx)
+    scratch = scratch_baseline(ctx, strategy, result)
+    sections = {
+        **reporting.model_sections(result, scratch, ctx.task),
+        **reporting.strategy_sections(result, ctx.task),
+        **reporting.recipe_sections(result.recipe, ctx.metrics.rows(), result.student.name),
+    }
+    if cfg.get("published"):
+        sections["published"] = OmegaConf.to_container(cfg.published, resolve=True)
+    probe = Placement(ctx.task, ctx.device)(next(iter(ctx.data.test))).head(SPEED_BATCH)
+    teacher = result.teacher.model if result.teacher is not None and result.teacher is not result.student else None
+    sections["figures"] = reporting.distillation_figures({**summary, **sections}, ctx.task, result.student.model, teacher, probe)
+    return sections
+
+
+def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> tuple[RunContext, Strategy]:
+    main = distributed.is_main()
+    if int(cfg.dataset.batch_size) % distributed.world_size():
+        raise ConfigError(
+            f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {distributed.world_size()} "
+            f"processes (it is the global batch; each process takes 1/{distributed.world_size()} of it)"
+        )
+    expand_model_lists(cfg)
+    if main:
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    device = distributed.local_device(str(cfg.device)) or resolve_device(str(cfg.device))
+    perf = fast_paths.resolve(cfg, device)
+    torch.manual_seed(int(cfg.seed))
+    with distributed.main_first():  # rank 0 downloads or generates the data, the others then read it
+        data = datasets.build(cfg.dataset, seed=int(cfg.seed), pin_memory=perf.pin_memory,
+                              persistent_workers=perf.persistent_workers)
+    teacher_cache.refuse_early(perf.teacher_cache_setting, data)
+    data = device_data.place(data, perf)
+    task = instantiate_user(cfg.task, f"task {cfg.task.get('name')}")
+    summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
+    summary["task"] = task.describe()
+    strategy: Strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")
+    summary["strategy"] = str(cfg.strategy.name)
+    log.info("kdrun %s: %s on %s (%s), run dir %s", summary["versions"]["kdrun"], cfg.strategy.name, data.name, device, run_dir)
+    log.info("%s", perf.describe())
+    if distributed.active():
+        log.info("Data parallel: %d processes, %d samples per process and step (dataset.batch_size=%d is the "
+                 "global batch); rank 0 writes the files", distributed.world_size(),
+                 int(cfg.dataset.batch_size) // distributed.world_size(), int(cfg.dataset.batch_size))
+    if data.val_is_test:
+        log.warning("dataset.val_fraction=0: validation uses the test set, so best.pt is selected on test")
+    if strategy.uses_recipe:
+        recipe = recipe_from(cfg)
+        check_recipe_fits(strategy, recipe)
+        log.info("Recipe: %s", recipe)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, task=task, device=device,
+                     metrics=MetricsLog.for_run(run_dir, cfg.get("logger")), perf=perf)
+    distributed.barrier()  # the other ranks have read metrics.jsonl (resume) before rank 0 appends
+    return ctx, strategy
+
+
+def scratch_enabled(setting, embedded: bool) -> bool:
+    """``scratch=auto`` trains the label-only baseline on the small embedded datasets only."""
+    return embedded if setting == "auto" else bool(setting)
+
+
+def scratch_baseline(ctx: RunContext, strategy: Strategy, result: StrategyResult) -> TrainedModel | None:
+    """The student trained on labels alone (cached like a teacher), paired with the distilled one:
+    same initial weights, data order and augmentation draws."""
+    if not strategy.has_baseline or not scratch_enabled(ctx.cfg.scratch, ctx.data.embedded):
+        return None
+    baseline = result.baseline or Baseline(ctx.cfg.student)
+    scratch = provision(ctx, "scratch", baseline.model_cfg, student_training(ctx.cfg), "scratch",
+                        data=baseline.data, variant=baseline.variant)
+    if baseline.trained_on:
+        scratch.info["trained_on"] = baseline.trained_on
+    return scratch

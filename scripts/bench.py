@@ -40,16 +40,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdrun import teacher_cache
 from kdrun.config import register_resolvers
 from kdrun.data import build as build_data
-from kdrun.distill import DistillTask
+from kdrun.data.device import place
+from kdrun.distiller import Distiller
 from kdrun.engine import perf as fast_paths
-from kdrun.engine.loop import amp_dtype, autocast, fit
-from kdrun.losses import build_recipe
+from kdrun.engine.loop import FitRun, FitSpec, Placement, amp_dtype, autocast, fit
+from kdrun.engine.perf import free_bytes
 from kdrun.losses.logits import soft_target_kl
+from kdrun.losses.recipe import recipe_from
 from kdrun.models import build as build_model
 from kdrun.reporting.metrics import MetricsLog
-from kdrun.teachers import fit_spec
+from kdrun.strategies.common import student_training
+from kdrun.tasks import Classification
 
 PRESETS = {
     "default": [],  # the default job: cnn -> mlp_small on MNIST-1D
@@ -123,7 +127,7 @@ class Setup:
         self.perf = fast_paths.resolve(cfg, device)
         data = build_data(cfg.dataset, seed=int(cfg.seed), pin_memory=self.perf.pin_memory,
                           persistent_workers=self.perf.persistent_workers)
-        data = self.perf.place_data(data)
+        data = place(data, self.perf)
         # One validation batch: fit's per-epoch evaluation then costs next to nothing.
         self.data = replace(data, val=[next(iter(data.val))])
         torch.manual_seed(int(cfg.seed))
@@ -132,7 +136,7 @@ class Setup:
             param.requires_grad_(False)
         torch.manual_seed(int(cfg.seed))
         self.student = build_model(cfg.student, data.num_classes, data.input_shape).to(device)
-        self.spec = fit_spec(OmegaConf_training(cfg))
+        self.spec = FitSpec.from_config(student_training(cfg))
         self.dtype = amp_dtype(device, bool(cfg.amp))
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,29 +150,26 @@ class Setup:
         return self.spec.optimizer(params=params, **self.perf.optimizer_kwargs(self.spec.optimizer))
 
 
-def OmegaConf_training(cfg):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({"epochs": cfg.epochs, "optim": cfg.optim, "sched": cfg.sched, "grad_clip": cfg.grad_clip})
-
-
 def kdrun_runner(setup: Setup, epochs: int, workdir: Path) -> Callable[[], float]:
     """One timed repeat of ``fit`` (the config's recipe, ``epochs`` epochs): seconds per step.
-    Making it builds the task and runs a one-epoch warm-up fit."""
-    recipe = build_recipe(setup.cfg.loss)
-    task = DistillTask(setup.student, recipe, setup.teacher)
-    task.to(setup.device)
-    probe = next(iter(setup.data.train))
-    with task:
-        task.setup(probe[0].to(setup.device), probe[1].to(setup.device))
+    Making it builds the distiller and runs a one-epoch warm-up fit. Each repeat starts with an
+    empty teacher-output cache (where it applies), as a run does."""
+    task = Classification()
+    distiller = Distiller(setup.student, recipe_from(setup.cfg), task, setup.teacher)
+    distiller.to(setup.device)
+    distiller.setup(Placement(task, setup.device)(next(iter(setup.data.train))))
+    plain_teacher = distiller.teacher_outputs
     steps, runs = len(setup.data.train), count()
 
     def run(n_epochs: int = epochs) -> float:
         spec = replace(setup.spec, epochs=n_epochs)
+        distiller.teacher_outputs = plain_teacher
+        data = teacher_cache.install(distiller, setup.data, setup.perf.teacher_cache_setting, free_bytes(setup.device), "bench")
+        fit_run = FitRun(name="student", ckpt_dir=workdir / f"run{next(runs)}", metrics=MetricsLog(None), device=setup.device,
+                         seed=int(setup.cfg.seed), amp=bool(setup.cfg.amp), perf=setup.perf)
         sync(setup.device)
         start = time.perf_counter()
-        fit(task, setup.data, spec, label="student", ckpt_dir=workdir / f"run{next(runs)}", metrics=MetricsLog(None),
-            device=setup.device, seed=int(setup.cfg.seed), amp=bool(setup.cfg.amp), perf=setup.perf)
+        fit(distiller, data, spec, fit_run)
         sync(setup.device)
         return (time.perf_counter() - start) / (n_epochs * steps)
 

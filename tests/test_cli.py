@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import FAST, kdrun_cli, make_cfg, read_metrics, read_summary
+from helpers import sigterm_when_logged, FAST, kdrun_cli, make_cfg, read_metrics, read_summary
 from kdrun.run import run
 
 
@@ -72,21 +68,6 @@ def test_missing_dataset_error_names_the_path(tmp_path):
     assert f"{tmp_path}/nowhere" in result.stderr and "dataset.download=true" in result.stderr
 
 
-def sigterm_when_logged(marker: str, *args: str, cwd, command=(sys.executable, "-m", "kdrun")) -> tuple[int, str]:
-    """Run kdrun (or ``command``, e.g. torchrun, which passes the signal on), send SIGTERM once
-    ``marker`` shows in its log; return its exit code and the rest of its log."""
-    process = subprocess.Popen(
-        [*command, *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stderr:
-        if marker in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.stderr.read()
-    return process.wait(timeout=120), rest
-
-
 def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = [*FAST, "epochs=30", "seed=11"]
     reference = run(make_cfg(*overrides), tmp_path / "reference")  # also caches the teacher
@@ -135,8 +116,12 @@ def test_sweep_makes_four_complete_jobs_and_trains_the_teacher_once(tmp_path):
             assert (job / name).is_file(), (job, name)
         sources.append(summary["teacher"]["source"])
     assert sources.count("trained") == 1 and sources.count("cache") == 3
-    for pair in ("T=1,alpha=0.5", "T=1,alpha=0.9", "T=4,alpha=0.5", "T=4,alpha=0.9"):
+    for pair in ("T-1_alpha-0.5", "T-1_alpha-0.9", "T-4_alpha-0.5", "T-4_alpha-0.9"):
         assert sum(pair in job.name for job in jobs) == 1, pair
+    assert [job.name[:4] for job in jobs] == ["000_", "001_", "002_", "003_"]
+    # A job's directory resumes as printed (no quoting): it is complete, so the answer is that.
+    resumed = kdrun_cli(f"resume={jobs[1]}", cwd=tmp_path)
+    assert resumed.returncode == 2 and "that run completed; there is nothing to carry on" in resumed.stderr
 
 
 def test_sigterm_stops_a_whole_sweep_not_just_one_job(tmp_path):

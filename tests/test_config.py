@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, make_cfg
+from helpers import CONF_DIR, make_cfg
 from kdrun import models
 from kdrun.data import embedded
 from kdrun.losses import build_recipe

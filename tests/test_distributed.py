@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from test_cli import sigterm_when_logged
 
 from kdrun.engine.distributed import ShardedRandomSampler, ShardedSequentialSampler, first_host, launch_env
 
@@ -92,7 +91,7 @@ def test_launch_is_read_from_torchrun_or_slurm_variables():
 
 
 def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_one_process(tmp_path):
-    from conftest import FAST, make_cfg, read_metrics, read_summary
+    from helpers import sigterm_when_logged, FAST, make_cfg, read_metrics, read_summary
     from kdrun.run import run
 
     overrides = [*FAST, "epochs=10", "scratch=false", "seed=23"]

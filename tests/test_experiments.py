@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import open_dict
 
-from conftest import CONF_DIR, kdrun_cli, make_cfg, read_summary
+from helpers import CONF_DIR, kdrun_cli, make_cfg, read_summary
 from kdrun.run import run
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("crd_*.yaml"))
@@ -62,7 +62,7 @@ def test_experiment_has_the_published_recipe_and_numbers(experiment):
 
 
 def test_lr_001_experiments_share_the_cached_teacher_of_lr_005_ones():
-    from kdrun.teachers import cache_key
+    from kdrun.provision import cache_key
 
     keys = set()
     for experiment in ("crd_resnet32x4_resnet8x4", "crd_resnet32x4_shufflenetv1", "crd_resnet32x4_shufflenetv2"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF_DIR, make_cfg, read_metrics
+from helpers import CONF_DIR, make_cfg, read_metrics
 from kdrun.run import run
 
 TINY = ["epochs=1", "teacher_training.epochs=1", "dataset.batch_size=32"]
@@ -17,7 +17,7 @@ PAIRS = {
         "dataset=fake", "teacher=resnet32x4", "student=resnet8x4",
         "dataset.source.num_train=64", "dataset.source.num_test=16",
     ],
-    "transformer_to_transformer": ["dataset.source.num_samples=400", "teacher=transformer", "student=transformer"],
+    "transformer_to_transformer": ["dataset.source.num_samples=400", "teacher=transformer", "student=transformer_small"],
 }
 # What a recipe needs beyond its defaults on some pairs.
 EXTRA = {

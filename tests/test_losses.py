@@ -83,7 +83,7 @@ def test_ce_only_recipe_needs_no_teacher():
     [
         ({}, "no terms"),
         ({"kd": {"_target_": "kdrun.losses.logits.SoftTargets"}}, "needs a 'weight'"),
-        ({"kd": {"weight": -1, "_target_": "kdrun.losses.logits.SoftTargets"}}, "must be a number >= 0"),
+        ({"kd": {"weight": -1, "_target_": "kdrun.losses.logits.SoftTargets"}}, "must be a finite number >= 0"),
     ],
 )
 def test_bad_recipes_are_config_errors(spec, message):

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST, make_cfg, read_metrics
-from kdrun.engine import checkpoint
+from helpers import FAST, make_cfg, read_metrics, recipe_state
 from kdrun.errors import ConfigError
 from kdrun.losses import StepOutputs, build_recipe
 from kdrun.losses.contrastive import CRD, FeatureQueue, SampleBank, info_nce_loss, nce_loss, similarities
@@ -316,7 +315,7 @@ def test_end_to_end_on_default_data(tmp_path, overrides):
     assert summary["status"] == "completed", summary.get("error")
     rows = crd_train_rows(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/crd"]) for r in rows)
-    recipe = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["recipe"]
+    recipe = recipe_state(tmp_path)
     rows_held = len(recipe["terms.crd.memory.labels"])
     if "loss.crd.memory=queue" in overrides:
         assert rows_held == 512

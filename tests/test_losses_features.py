@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FAST, make_cfg, read_metrics
-from kdrun.engine import checkpoint
+from helpers import FAST, make_cfg, read_metrics, recipe_state
 from kdrun.errors import ConfigError
 from kdrun.losses import StepOutputs, build_recipe
 from kdrun.losses.features import VID, AttentionTransfer, FitNet, attention_transfer, gaussian_nll
@@ -247,7 +246,7 @@ def test_default_pair_cnn_teacher_to_mlp_student(tmp_path, name):
     assert len(train_rows) == 2 and all(math.isfinite(r[f"loss/{name}"]) for r in train_rows)
     assert train_rows[1][f"loss/{name}"] < train_rows[0][f"loss/{name}"]  # the student moves towards the teacher
     assert summary["student"]["test_acc"] > 12.0  # chance is 10%; two short epochs under a heavy hint weight
-    adapters = [key for key in checkpoint.load(tmp_path / "checkpoints" / "last.pt")["recipe"] if key.startswith(f"terms.{name}.")]
+    adapters = [key for key in recipe_state(tmp_path) if key.startswith(f"terms.{name}.")]
     assert bool(adapters) == (name != "at")  # FitNet and VID adapters are checkpointed; AT has none
 
 

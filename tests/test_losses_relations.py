@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST, make_cfg, read_metrics
-from kdrun.engine import checkpoint
+from helpers import FAST, make_cfg, read_metrics, recipe_state
 from kdrun.losses import StepOutputs, build_recipe
 from kdrun.losses.relations import (
     PKT,
@@ -233,8 +232,7 @@ def test_trains_cnn_teacher_to_mlp_student(tmp_path, name):
     assert all(math.isfinite(r[f"loss/{name}"]) and r[f"loss/{name}"] >= 0 for r in train_rows)
     assert summary["student"]["test_acc"] > 15.0  # ten classes, two short epochs: above chance
     if name == "cc":  # the learned embeddings are trained and checkpointed with the recipe
-        recipe_state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["recipe"]
-        assert {"terms.cc.embed_student.1.weight", "terms.cc.embed_teacher.1.weight"} <= set(recipe_state)
+        assert {"terms.cc.embed_student.1.weight", "terms.cc.embed_teacher.1.weight"} <= set(recipe_state(tmp_path))
 
 
 @pytest.mark.slow  # most of the time goes to resnet32x4 itself (teacher provisioning, speed-up figure) on the CPU

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, make_cfg, read_metrics
+from helpers import FAST, make_cfg, read_metrics
 from kdrun.losses import StepOutputs, build_recipe
 from kdrun.losses.logits import DIST, DecoupledKD, SoftTargets, decoupled_kd_parts, dist_loss, soft_target_kl
 from kdrun.run import run

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import kdrun_cli, make_cfg, read_summary
+from helpers import kdrun_cli, make_cfg, read_summary
 from kdrun.models import count_params
 from kdrun.models.mnist1d_paper import logistic, residual_mlp, strided_cnn
 
@@ -51,7 +51,7 @@ def test_temperature_study_sweeps_T_over_three_seeds_with_alpha_fixed():
     assert cfg.alpha == 0.9 and cfg.student.arch == "mlp_small" and cfg.teacher.arch == "cnn"
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF_DIR
+    from helpers import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose(config_name="train", overrides=["experiment=mnist1d_temperature_study"], return_hydra_config=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdrun.engine import checkpoint
+from kdrun.models.weights import load_weights
 from kdrun.errors import CheckpointError, ConfigError
 from kdrun.features import FeatureTaps
 from kdrun.models import cifar_mobilenet, cifar_resnet, cifar_resnet50, cifar_shufflenet, cifar_vgg, cifar_wrn
@@ -124,7 +124,7 @@ def test_repdistiller_teacher_checkpoint_loads_and_gives_the_same_logits(name, t
     # RepDistiller's file: {"model": state dict, "epoch": ..., "accuracy": ..., "optimizer": ...}.
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"model": theirs, "epoch": 240, "accuracy": torch.tensor(75.0), "optimizer": {"state": {}}}, path)
-    checkpoint.load_weights(model, path, "teacher.checkpoint")
+    load_weights(model, path, "teacher.checkpoint")
     reference = build(name).eval()
     reference.load_state_dict(by_position)
     inputs = torch.randn(2, 3, 32, 32)
@@ -137,7 +137,7 @@ def test_repdistiller_checkpoint_without_num_batches_tracked_loads(tmp_path):
     theirs = {k: v for k, v in reference_state("resnet8x4").items() if not k.endswith("num_batches_tracked")}
     torch.save({"model": theirs}, tmp_path / "old.pth")
     model = build("resnet8x4")
-    checkpoint.load_weights(model, tmp_path / "old.pth", "teacher.checkpoint")
+    load_weights(model, tmp_path / "old.pth", "teacher.checkpoint")
     assert torch.equal(model.stem[0].weight, theirs["conv1.weight"])
 
 
@@ -145,7 +145,7 @@ def test_own_layout_still_loads(tmp_path):
     source = build("wrn_16_1")
     torch.save({"model": source.state_dict()}, tmp_path / "own.pt")
     model = build("wrn_16_1")
-    checkpoint.load_weights(model, tmp_path / "own.pt", "teacher.checkpoint")
+    load_weights(model, tmp_path / "own.pt", "teacher.checkpoint")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
 
 
@@ -154,7 +154,7 @@ def test_checkpoint_in_neither_layout_names_missing_and_unexpected_keys(tmp_path
     theirs["layer9.weight"] = theirs.pop("fc.weight")
     torch.save({"model": theirs}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError) as caught:
-        checkpoint.load_weights(build("resnet8x4"), tmp_path / "odd.pth", "teacher.checkpoint")
+        load_weights(build("resnet8x4"), tmp_path / "odd.pth", "teacher.checkpoint")
     message = str(caught.value)
     assert "\n" not in message and "odd.pth" in message
     assert "keys match neither kdrun's nor RepDistiller's layout" in message
@@ -163,9 +163,9 @@ def test_checkpoint_in_neither_layout_names_missing_and_unexpected_keys(tmp_path
 
 def test_checkpoint_of_another_arch_is_a_clear_error(tmp_path):
     torch.save({"model": reference_state("vgg8")}, tmp_path / "vgg8.pth")
-    match = "does not fit the configured model CifarResNet.*missing fc.bias, fc.weight, .*unexpected block0.0.bias"
+    match = "does not fit the configured model resnet8x4: .*missing fc.bias, fc.weight, .*unexpected block0.0.bias"
     with pytest.raises(CheckpointError, match=match):
-        checkpoint.load_weights(build("resnet8x4"), tmp_path / "vgg8.pth", "teacher.checkpoint")
+        load_weights(build("resnet8x4"), tmp_path / "vgg8.pth", "teacher.checkpoint", arch="resnet8x4")
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (3, 1, 32, 32), 32])

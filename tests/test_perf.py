@@ -13,18 +13,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FAST, kdrun_cli, make_cfg, read_metrics
+from helpers import FAST, kdrun_cli, make_cfg, read_metrics
 from kdrun.config import validate
 from kdrun.data import build as build_data
 from kdrun.data.augment import Augmentation, random_crop, random_roll
-from kdrun.data.device import DeviceLoader, to_device
-from kdrun.distill import DistillTask, TeacherCache
+from kdrun.data.device import DeviceLoader, place, to_device
+from kdrun.distiller import Distiller
 from kdrun.engine import checkpoint
 from kdrun.engine.perf import Perf, resolve
 from kdrun.errors import ConfigError
 from kdrun.losses import build_recipe
 from kdrun.models import build as build_model
+from kdrun.models.weights import load_weights
 from kdrun.run import run
+from kdrun.tasks import Batch, Classification
+from kdrun.teacher_cache import CachedTeacher, TeacherCache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,9 +73,9 @@ def test_device_loader_gives_the_dataloader_batches(drop_last):
 def test_device_data_true_is_refused_where_it_cannot_apply():
     data = build_data(make_cfg(*FAST).dataset, seed=0)
     with pytest.raises(ConfigError, match="perf.device_data=true .* read from files"):
-        Perf(device_data=True).place_data(replace(data, in_memory=False))
+        place(replace(data, in_memory=False), Perf(device_data=True))
     auto = Perf(device_data="auto")
-    assert auto.place_data(replace(data, in_memory=False)).train is data.train
+    assert place(replace(data, in_memory=False), auto).train is data.train
     assert auto.notes["device_data"].startswith("off (")
 
 
@@ -170,7 +173,7 @@ def test_fused_and_foreach_optimizers_step(optimizer, impl):
 def test_cuda_switches_and_fused_optimizer_run_on_cpu(tmp_path):
     """channels_last, cudnn_benchmark, pin_memory and fused kernels forced on, on the CPU, conv nets on images."""
     summary = run(make_cfg(
-        "dataset=fake", "teacher=cnn", "student=cnn", "epochs=1", "teacher_training.epochs=1", "scratch=false",
+        "dataset=fake", "teacher=cnn", "student=cnn_small", "epochs=1", "teacher_training.epochs=1", "scratch=false",
         "perf.channels_last=true", "perf.cudnn_benchmark=true", "perf.pin_memory=true", "perf.fused_optimizer=true",
         "perf.persistent_workers=false",
     ), tmp_path)
@@ -183,19 +186,21 @@ def test_frozen_teacher_builds_no_autograd_graph():
     cfg = make_cfg("loss=fitnet")
     student = build_model(cfg.student, 10, (1, 40))
     teacher = build_model(cfg.teacher, 10, (1, 40))
-    task = DistillTask(student, build_recipe(cfg.loss), teacher)
-    inputs, labels, index = torch.randn(16, 1, 40), torch.randint(0, 10, (16,)), torch.arange(16)
-    with task:
-        task.setup(inputs, labels)
-        task.teacher_cache = TeacherCache(size=16, limit_bytes=2**30)
+    distiller = Distiller(student, build_recipe(cfg.loss), Classification(), teacher)
+    batch = Batch(torch.randn(16, 1, 40), torch.randint(0, 10, (16,)), index=torch.arange(16))
+    distiller.setup(batch)
+    cache = TeacherCache(size=16, limit_bytes=2**30)
+    distiller.teacher_outputs = CachedTeacher(distiller.teacher_outputs, cache)
+    with distiller:
         for _ in range(2):  # computed, then read from the cache
-            outputs = task.outputs(inputs, labels, index)
+            outputs = distiller.step_outputs(batch)
             for tensor in (outputs.teacher_logits, *outputs.teacher_features.values()):
                 assert tensor.requires_grad is False and tensor.grad_fn is None
-            total, _ = task.recipe(outputs)
+            total, _ = distiller.recipe(outputs)
             total.backward()
-            task.teacher_cache.start_epoch()
-    assert task.teacher_cache.complete
+            distiller.before_epoch(2, 2)
+    assert cache.complete
+    assert "teacher" not in dict(distiller.named_modules()) and not any(k.startswith("teacher") for k in distiller.state_dict())
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in student.parameters())
 
@@ -214,7 +219,7 @@ def test_compiled_models_match_and_their_checkpoints_load_uncompiled(tmp_path):
     assert set(model.state_dict()) == set(reference.state_dict())
     checkpoint.save_atomic({"model": model.state_dict()}, tmp_path / "best.pt")
     fresh = build_model(cfg.student, 10, (1, 40)).eval()
-    checkpoint.load_weights(fresh, tmp_path / "best.pt", "compiled checkpoint")
+    load_weights(fresh, tmp_path / "best.pt", "compiled checkpoint")
     with torch.no_grad():
         torch.testing.assert_close(fresh(inputs), reference(inputs))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FAST, kdrun_cli, make_cfg, read_metrics
+from helpers import FAST, kdrun_cli, make_cfg, read_metrics
 from kdrun.reporting.report_cli import main as report_main
 from kdrun.reporting.report_cli import write_report
 from kdrun.reporting.sweep import collect
@@ -169,19 +169,38 @@ def test_report_command_is_installed_and_helps():
     assert "sweep dir" in result.stdout and "--out" in result.stdout and "examples:" in result.stdout
 
 
+def test_a_sweep_with_bad_input_is_refused_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = kdrun_cli("-m", "alpha=1.5,0.5", "T=4,inf", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("kdrun: error: alpha=1.5 is outside [0, 1]") and "(jobs 0, 1 of 4)" in line
+    assert "T=inf must be a finite number (job 3 of 4)" in line  # job 1 has alpha=1.5 too; its first error counts
+    assert not sweep.exists()  # nothing written
+
+
+def test_a_sweep_whose_jobs_share_one_bad_value_prints_it_once(tmp_path):
+    result = kdrun_cli("-m", "seed=1,2,3", "optim.lr=-1", *FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "kdrun: error: optim.lr=-1 must be >= 0 (the learning rate)"
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_failed_jobs_do_not_stop_the_sweep_and_the_report_lists_them(tmp_path):
-    # alpha=1.5 is bad input (ConfigError); lr=1e30 makes the loss non-finite (TrainingError); the last job is fine.
+    # lr=1e30 makes the loss non-finite (TrainingError, in two jobs); the others are fine.
     sweep = tmp_path / "sweep"
     result = kdrun_cli(
-        "-m", "alpha=1.5,0.5", "optim.lr=1e30,0.01", "loss=ce", "optim=sgd", *FAST, "epochs=1", "scratch=false",
+        "-m", "alpha=0.9,0.5", "optim.lr=1e30,0.01", "loss=ce", "optim=sgd", *FAST, "epochs=1", "scratch=false",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )
-    assert result.returncode == 2, result.stderr  # the worst failure's exit status
+    assert result.returncode == 1, result.stderr  # a failed job's exit status
     jobs = collect(sweep)
-    assert [job.status for job in jobs] == ["failed", "failed", "failed", "completed"]
-    assert "alpha=1.5 is outside [0, 1]" in jobs[0].error and "non-finite" in jobs[2].error
+    assert [job.status for job in jobs] == ["failed", "completed", "failed", "completed"]
+    assert "non-finite" in jobs[0].error and "non-finite" in jobs[2].error
+    assert [job.name[:4] for job in jobs] == ["000_", "001_", "002_", "003_"]
+    assert "alpha-0.9" in jobs[0].name and "optim.lr-1e-30" not in jobs[0].name and "=" not in jobs[0].name
     markdown = (sweep / "summary.md").read_text()  # written by the end-of-multirun callback
-    assert "4 jobs: 1 completed, 3 failed." in markdown
+    assert "4 jobs: 2 completed, 2 failed." in markdown
     assert "- job 2 (alpha=0.5, optim.lr=1e+30): failed: student: loss became non-finite" in markdown
     assert f"Sweep table: {sweep / 'summary.md'}" in result.stdout + result.stderr
     assert (sweep / "learning_curves.png").read_bytes()[:8] == PNG_MAGIC
@@ -192,9 +211,9 @@ def test_failed_jobs_do_not_stop_the_sweep_and_the_report_lists_them(tmp_path):
     rebuilt = subprocess.run([sys.executable, "-m", "kdrun.reporting.report_cli", str(sweep), "--no-plots"],
                              capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert "4 jobs: 3 failed, 1 killed." in rebuilt.stdout
+    assert "4 jobs: 1 completed, 2 failed, 1 killed." in rebuilt.stdout
     with (sweep / "summary.csv").open() as f:
-        assert [row["status"] for row in csv.DictReader(f)] == ["failed", "failed", "failed", "killed"]
+        assert [row["status"] for row in csv.DictReader(f)] == ["failed", "completed", "failed", "killed"]
 
 
 def test_tensorboard_logger_mirrors_metrics_jsonl(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import FAST, make_cfg, read_metrics, read_summary
+from helpers import FAST, make_cfg, read_metrics, read_summary
 from kdrun.engine import checkpoint
 from kdrun.errors import ConfigError, TrainingError
 from kdrun.losses import StepOutputs, Term
@@ -46,7 +46,8 @@ def test_default_job_writes_the_run_directory_contract(tmp_path):
     assert {(r["model"], r["split"]) for r in rows} >= {("student", "val"), ("student", "test"), ("teacher", "test"), ("scratch", "test")}
 
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert last["epoch"] == 2 and {"model", "recipe", "optimizer", "scheduler", "rng", "config"} <= set(last)
+    assert last["epoch"] == 2 and {"distiller", "optimizer", "scheduler", "rng", "config"} <= set(last)
+    assert {key.split(".")[0] for key in last["distiller"]} == {"student"}  # KD has no adapters; no teacher weights
     best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
     assert best["val_acc"] == summary["student"]["best_val_acc"]
     assert set(best) >= {"model", "arch"} and "recipe" not in best  # the exported student has no adapters
@@ -103,7 +104,7 @@ def test_non_finite_loss_fails_and_keeps_last_good_checkpoint(tmp_path):
     summary = read_summary(tmp_path)
     assert summary["status"] == "failed" and "non-finite" in summary["error"]
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["distiller"].values())
 
 
 class ReadsAStage(Term):

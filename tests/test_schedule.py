@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import FAST, make_cfg, read_metrics
+from helpers import FAST, make_cfg, read_metrics
 from kdrun.engine.schedule import knob_values, progress_of, ramp
 from kdrun.errors import ConfigError
-from kdrun.losses import build_recipe
-from kdrun.losses.recipe import recipe_at
+from kdrun.losses.recipe import recipe_from, resolve_loss
 from kdrun.run import run
 
 
@@ -51,25 +50,48 @@ def test_knob_values_per_epoch_and_per_stage():
     assert knob_values(schedule, epoch=3, epochs=3, stage=2, stages=3) == pytest.approx({"T": 2.0, "alpha": 1.0})
 
 
-def test_recipe_at_re_resolves_T_and_alpha_everywhere_the_recipe_uses_them():
+def test_resolve_loss_re_resolves_T_and_alpha_everywhere_the_recipe_uses_them():
     cfg = make_cfg("loss=kd", "T=4", "alpha=0.9")
-    spec = recipe_at(cfg, T=2.0, alpha=0.25)
+    spec = resolve_loss(cfg, T=2.0, alpha=0.25)
     assert spec["kd"]["T"] == 2.0 and spec["kd"]["weight"] == 0.25 and spec["ce"]["weight"] == pytest.approx(0.75)
     assert cfg.T == 4  # the run's config is untouched
 
-    recipe = build_recipe(cfg.loss)
-    recipe.retune(spec)
+
+def test_knobs_find_what_follows_T_and_alpha_and_set_exactly_that():
+    recipe = recipe_from(make_cfg("loss=kd", "T=4", "alpha=0.9"))
+    assert recipe.knobs.bindings == {("ce", "weight"): "alpha", ("kd", "weight"): "alpha", ("kd", "T"): "T"}
+    recipe.knobs.apply({"T": 2.0, "alpha": 0.25})
     assert recipe.weights == pytest.approx({"ce": 0.75, "kd": 0.25})
     assert recipe.terms["kd"].T == 2.0
     assert str(recipe) == "L = 0.75*CE + 0.25*KD(T=2)"
 
 
-def test_retune_leaves_weights_that_do_not_refer_to_alpha():
-    cfg = make_cfg("loss=dkd", "T=4")
-    recipe = build_recipe(cfg.loss)
-    recipe.retune(recipe_at(cfg, T=1.0, alpha=0.1))
-    assert recipe.weights == {"ce": 1.0, "dkd": 1.0}  # DKD's weights are its own (alpha/beta inside the term)
+def test_knobs_leave_what_does_not_refer_to_them():
+    recipe = recipe_from(make_cfg("loss=dkd", "T=4"))
+    assert recipe.knobs.used == {"T"}  # DKD's alpha/beta are its own settings, not the alpha knob
+    recipe.knobs.apply({"T": 1.0, "alpha": 0.1})
+    assert recipe.weights == {"ce": 1.0, "dkd": 1.0}
     assert recipe.terms["dkd"].T == 1.0 and recipe.terms["dkd"].beta == 8.0
+
+
+def test_a_scheduled_setting_the_term_cannot_change_is_refused():
+    cfg = make_cfg("loss=crd", "loss.crd.nce_t=${T}", "schedule.T.kind=linear", "schedule.T.start=8", "schedule.T.end=2")
+    with pytest.raises(ConfigError, match="schedule.T changes loss.crd.nce_t during training, but CRD cannot change nce_t"):
+        recipe_from(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "formula"),
+    [
+        (["schedule.T.kind=linear", "schedule.T.start=10", "schedule.T.end=1"], "L = 0.1*CE + 0.9*KD(T: linear 10->1)"),
+        (["schedule.alpha.kind=linear", "schedule.alpha.start=0.5", "schedule.alpha.end=1"],
+         "L = (1-alpha)*CE + alpha*KD(T=4); alpha: linear 0.5->1"),
+        (["loss=dist", "schedule.T.kind=step", "schedule.T.start=8", "schedule.T.end=2", "schedule.T.per=stage"],
+         "L = 1*CE + 2*DIST(b=1,g=1,tau: step 8->2 in 3 steps per stage)"),
+    ],
+)
+def test_the_formula_shows_schedules(overrides, formula):
+    assert str(recipe_from(make_cfg(*overrides))) == formula
 
 
 def test_a_T_schedule_runs_and_is_logged_per_epoch(tmp_path):
@@ -103,11 +125,14 @@ def test_bad_schedules_are_config_errors(tmp_path, override, message):
 def test_masked_cross_entropy_counts_labelled_samples_only():
     from kdrun.losses import StepOutputs
     from kdrun.losses.logits import CrossEntropy
+    from kdrun.tasks import IGNORE
 
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
-    mask = torch.tensor([1.0, 0, 1, 0, 1, 0])
-    masked = CrossEntropy()(StepOutputs(student_logits=logits, labels=labels, labeled=mask))
-    expected = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
+    mask = torch.tensor([True, False, True, False, True, False])
+    hidden = labels.masked_fill(~mask, IGNORE)
+    masked = CrossEntropy()(StepOutputs(student_logits=logits, labels=hidden, partial_labels=True))
+    expected = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
     assert masked.item() == pytest.approx(expected.item())
-    none = CrossEntropy()(StepOutputs(student_logits=logits.requires_grad_(), labels=labels, labeled=torch.zeros(6)))
+    all_hidden = torch.full_like(labels, IGNORE)
+    none = CrossEntropy()(StepOutputs(student_logits=logits.requires_grad_(), labels=all_hidden, partial_labels=True))
     assert none.item() == 0.0 and none.requires_grad

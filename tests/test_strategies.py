@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, kdrun_cli, make_cfg, read_metrics, read_summary
+from helpers import sigterm_when_logged, FAST, kdrun_cli, make_cfg, read_metrics, read_summary
 from kdrun.engine import checkpoint
 from kdrun.errors import ConfigError
+from kdrun.models.weights import load_weights
 from kdrun.models.ensemble import Ensemble, average_probs_logits
 from kdrun.run import run
-from test_cli import sigterm_when_logged
 
 STUDENT_KEYS = {"arch", "params", "test_acc", "best_val_acc"}
 ENTRY_KEYS = {"role", "arch", "params", "test_acc", "best_val_acc", "source", "checkpoint"}
@@ -54,7 +54,7 @@ def test_online_mutual_learning_reports_each_peer_and_their_ensemble(tmp_path):
 
 
 def test_online_peers_of_different_archs_from_the_command_line(tmp_path):
-    result = kdrun_cli("strategy=online", "strategy.peers=[small,cnn]", *FAST, "epochs=1", "scratch=false",
+    result = kdrun_cli("strategy=online", "strategy.peers=[mlp_small,cnn_small]", *FAST, "epochs=1", "scratch=false",
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = read_summary(tmp_path / "run")
@@ -66,7 +66,7 @@ def test_an_unknown_peer_option_is_one_line_exit_2(tmp_path):
     result = kdrun_cli("strategy=online", "strategy.peers=[small,bogus]", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(error) == 1 and "strategy.peers[1]=bogus: no student option 'bogus'; available:" in error[0]
+    assert len(error) == 1 and error[0].startswith("kdrun: error:") and "strategy.peers[1]=bogus: no model option 'bogus'; available:" in error[0]
     assert "Traceback" not in result.stderr
 
 
@@ -95,11 +95,11 @@ def test_born_again_can_stop_when_a_generation_does_not_improve(tmp_path):
                            "optim.lr=0", "scratch=false"), tmp_path)
     assert [g["generation"] for g in summary["generations"]] == [0, 1]
     assert "ensemble" not in summary["models"]
-    assert "did not improve validation accuracy" in (tmp_path / "kdrun.log").read_text()
+    assert "did not improve its validation acc" in (tmp_path / "kdrun.log").read_text()
 
 
 def test_progressive_chain_with_a_per_stage_T_schedule(tmp_path):
-    summary = run(make_cfg(*FAST, "strategy=progressive", "strategy.chain=[cnn,tiny]", "schedule.T.per=stage",
+    summary = run(make_cfg(*FAST, "strategy=progressive", "strategy.chain=[cnn_small,tiny]", "schedule.T.per=stage",
                            "schedule.T.kind=linear", "schedule.T.start=8", "schedule.T.end=2"), tmp_path)
     check_common(summary, tmp_path, "progressive")
     assert [s["arch"] for s in summary["chain"]] == ["cnn", "cnn_small", "mlp_tiny", "mlp_small"]
@@ -111,7 +111,7 @@ def test_progressive_chain_with_a_per_stage_T_schedule(tmp_path):
 
 
 def test_self_distillation_reports_every_head_and_exports_the_plain_student(tmp_path):
-    summary = run(make_cfg(*FAST, "strategy=self", "student=cnn", "student.channels=[8,16,32]"), tmp_path)
+    summary = run(make_cfg(*FAST, "strategy=self", "student=cnn_small", "student.channels=[8,16,32]"), tmp_path)
     check_common(summary, tmp_path, "self")
     assert set(summary["heads"]) == {"head1", "head2"}
     assert [summary["heads"][h]["tap"] for h in ("head1", "head2")] == ["stage1", "stage2"]
@@ -121,7 +121,7 @@ def test_self_distillation_reports_every_head_and_exports_the_plain_student(tmp_
     from kdrun.models.presets import cnn
 
     plain = cnn(10, (1, 40), channels=(8, 16, 32), kernel_size=5)
-    checkpoint.load_weights(plain, tmp_path / "checkpoints" / "best.pt", "exported student")
+    load_weights(plain, tmp_path / "checkpoints" / "best.pt", "exported student")
     assert summary["models"]["head1"]["params"] < summary["models"]["head2"]["params"]
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, make_cfg, read_metrics, read_summary
+from helpers import FAST, make_cfg, read_metrics, read_summary
 
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTaps
@@ -76,7 +76,7 @@ def test_transformer_rejects_bad_shapes(options, message):
 
 
 def test_teacher_and_student_configs_build():
-    cfg = make_cfg("teacher=transformer", "student=transformer")
+    cfg = make_cfg("teacher=transformer", "student=transformer_small")
     teacher, student = (build(cfg[side], 10, (1, 40)) for side in ("teacher", "student"))
     assert (cfg.teacher.arch, cfg.student.arch) == ("transformer", "transformer_small")
     assert (teacher.fc.in_features, teacher.stage4.attn.heads) == (64, 4)
@@ -333,7 +333,7 @@ def test_recipes_compose_and_print_as_formulas():
 
 # ---- end to end --------------------------------------------------------------------------------
 
-TRANSFORMERS = ["teacher=transformer", "student=transformer", "scratch=false"]
+TRANSFORMERS = ["teacher=transformer", "student=transformer_small", "scratch=false"]
 LAST_STAGE_ATTENTION = ["loss.attention_map.student_taps=[last_stage]", "loss.attention_map.teacher_taps=[last_stage]"]
 
 

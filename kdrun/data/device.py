@@ -16,6 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from kdrun.data import DataBundle, WithIndex
 from kdrun.data.augment import Augmentation
+from kdrun.engine import distributed
+from kdrun.engine.perf import Perf, free_bytes
+from kdrun.errors import ConfigError
+
+# Share of free memory (device memory on CUDA, RAM on the CPU) that device-resident data may take.
+MEMORY_SHARE = 0.25
 
 
 class DeviceLoader:
@@ -106,3 +112,30 @@ def to_device(data: DataBundle, device: torch.device) -> DataBundle:
     val = evaluation(val_loader)
     test = val if data.val_is_test else evaluation(data.test)
     return replace(data, train=training(with_index=False), val=val, test=test, make_loader=make_loader)
+
+
+def place(data: DataBundle, perf: Perf) -> DataBundle:
+    """``data`` on the device when ``perf.device_data`` says so (and it fits); the decision and
+    its reason go into ``perf.notes`` for the log line at start."""
+    setting = perf.device_data
+    if setting is False:
+        perf.notes["device_data"] = "off"
+        return data
+    reason = unsupported(data)
+    if reason is None and distributed.active():
+        reason = "distributed run: each rank reads its shard through a DataLoader"
+    if reason is None:
+        need, free = resident_bytes(data), free_bytes(perf.device)
+        if need > MEMORY_SHARE * free:
+            reason = f"{need / 2**20:.0f} MiB is more than {MEMORY_SHARE:.0%} of free memory ({free / 2**20:.0f} MiB)"
+    if reason is not None:
+        if setting is True:
+            raise ConfigError(f"perf.device_data=true but the data cannot live on the device: {reason}")
+        perf.notes["device_data"] = f"off ({reason})"
+        return data
+    placed = to_device(data, perf.device)
+    perf.notes["device_data"] = (
+        f"on ({resident_bytes(data) / 2**20:.1f} MiB on {perf.device.type}"
+        f"{', augmentation on the device' if data.augmentation is not None else ''})"
+    )
+    return placed

@@ -297,44 +297,25 @@ class ShardedSequentialSampler(Sampler[int]):
 # DDP ---------------------------------------------------------------------------------------
 
 
-class _Learners(nn.Module):
-    """What learns in a task (student, recipe adapters, extra heads) as one module whose
-    forward is the task's loss, so DDP averages every trainable parameter's gradient."""
-
-    def __init__(self, task):
-        super().__init__()
-        self.learners = nn.ModuleDict(task.learners())
-        self.task = task  # not a module: its teacher stays outside DDP
-
-    def forward(self, inputs, labels, index, progress):
-        return self.task.loss(inputs, labels, index, progress)
-
-
-def data_parallel(task, device: torch.device):
-    """``task.loss`` in one process; under a multi-process launch the same call through
-    ``DistributedDataParallel``. Buffers of modules that keep themselves in step across
-    ranks (``syncs_across_ranks``, e.g. CRD's memory) are broadcast once here instead of
-    at every step."""
+def data_parallel(distiller: nn.Module, device: torch.device):
+    """``distiller`` itself in one process; under a multi-process launch the distiller wrapped in
+    ``DistributedDataParallel`` (its teacher is not a submodule, so it stays outside). Buffers of
+    modules that keep themselves in step across ranks (``syncs_across_ranks``, e.g. CRD's memory)
+    are broadcast once here instead of at every step."""
     if not active():
-        return task.loss
+        return distiller
     from torch.nn.parallel import DistributedDataParallel
 
-    module = _Learners(task)
-    trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    missing = [p for p in task.parameters() if id(p) not in trainable]
-    if missing:
-        raise RuntimeError(f"{type(task).__name__}.learners() misses {len(missing)} trainable parameters")
     self_synced = [
         (f"{prefix}.{name}" if prefix else name, buffer)
-        for prefix, sub in module.named_modules() if getattr(sub, "syncs_across_ranks", False)
+        for prefix, sub in distiller.named_modules() if getattr(sub, "syncs_across_ranks", False)
         for name, buffer in sub.named_buffers(recurse=False)
     ]
     for _, buffer in self_synced:
         broadcast_(buffer)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, [name for name, _ in self_synced])
-    windows = getattr(task.recipe, "windows", {})
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, [name for name, _ in self_synced])
     # A term active only in some epochs leaves its adapters without gradients in the others.
-    partial = any(start or stop is not None for start, stop in windows.values())
     return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=partial,
+        distiller, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=distiller.recipe.partial,
     )

@@ -3,8 +3,9 @@ and applying them to data, models and optimizers.
 
 Every switch is ``true``, ``false`` or ``auto``; :func:`resolve` turns the config into a
 :class:`Perf` for one device, with a reason per switch for the log line at start.
-``device_data`` and ``teacher_cache`` also depend on the data and the task, so they are
-settled when those exist (:meth:`Perf.place_data`, :meth:`Perf.teacher_cache`).
+``device_data`` also depends on the data, so it is settled when the data exists
+(:func:`kdrun.data.device.place`); ``teacher_cache`` is settled by whoever owns a frozen teacher
+(:mod:`kdrun.teacher_cache`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kdrun.engine import distributed as ranks
 from kdrun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ DEFAULTS: dict[str, Any] = {
 }
 # torch.optim classes with fused kernels (CUDA; and CPU since torch 2.4).
 FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
-# Shares of free memory (device memory on CUDA, RAM on the CPU) that device-resident data
-# and the teacher-output cache may each take.
-DATA_MEMORY_SHARE = CACHE_MEMORY_SHARE = 0.25
 
 
 def settings(cfg) -> dict[str, Any]:
@@ -53,17 +50,6 @@ def validate(cfg) -> None:
             raise ConfigError(f"perf.{key} is not a perf switch; the switches are {', '.join(DEFAULTS)}")
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"perf.{key}={value!r} must be true, false or auto")
-    source = cfg.dataset.get("source") or {} if cfg.get("dataset") else {}
-    if settings(cfg)["teacher_cache"] is True and any(source.get(key) for key in ("augment", "max_shift", "noise")):
-        # Caught here from the config, before any data is loaded; Perf.place_data checks what the source declares.
-        raise ConfigError(augmented_refusal(str(cfg.dataset.get("name"))))
-
-
-def augmented_refusal(dataset: str) -> str:
-    return (
-        f"perf.teacher_cache=true but dataset {dataset} augments its training inputs, so the teacher sees new "
-        "inputs every epoch; set perf.teacher_cache=auto (or false) or turn the augmentation off"
-    )
 
 
 def free_bytes(device: torch.device) -> int:
@@ -145,60 +131,6 @@ class Perf:
             if self.compile and getattr(model, "_compiled_call_impl", None) is None:
                 model.compile()
         return memory_format
-
-    # Data -----------------------------------------------------------------------------------
-
-    def place_data(self, data):
-        """``data`` on the device when ``device_data`` says so (and it fits); refuses a
-        teacher cache that the data makes invalid, before any work."""
-        from kdrun.data import device as device_data
-
-        if self.teacher_cache_setting is True and data.augmentation is not None:
-            raise ConfigError(augmented_refusal(data.name))
-        setting = self.device_data
-        reason = device_data.unsupported(data)
-        if setting is not False and reason is None and ranks.active():
-            reason = "distributed run: each rank reads its shard through a DataLoader"
-        if setting is not False and reason is None:
-            need, free = device_data.resident_bytes(data), free_bytes(self.device)
-            if need > DATA_MEMORY_SHARE * free:
-                reason = f"{need / 2**20:.0f} MiB is more than {DATA_MEMORY_SHARE:.0%} of free memory ({free / 2**20:.0f} MiB)"
-        if setting is False:
-            self.notes["device_data"] = "off"
-            return data
-        if reason is not None:
-            if setting is True:
-                raise ConfigError(f"perf.device_data=true but the data cannot live on the device: {reason}")
-            self.notes["device_data"] = f"off ({reason})"
-            return data
-        placed = device_data.to_device(data, self.device)
-        self.notes["device_data"] = (
-            f"on ({device_data.resident_bytes(data) / 2**20:.1f} MiB on {self.device.type}"
-            f"{', augmentation on the device' if data.augmentation is not None else ''})"
-        )
-        return placed
-
-    # Teacher cache --------------------------------------------------------------------------
-
-    def teacher_cache(self, task, data) -> tuple[bool, str]:
-        """Whether this fit caches the teacher's outputs, and why (for the log; empty
-        when the fit has no frozen teacher)."""
-        from kdrun.models.ensemble import Ensemble
-
-        setting = self.teacher_cache_setting
-        if setting is False:
-            return False, "off"
-        teacher = getattr(task, "teacher", None)
-        if teacher is None or not task.recipe.needs_teacher:
-            return False, ""
-        if data.augmentation is not None:
-            if setting is True:
-                raise ConfigError(augmented_refusal(data.name))
-            return False, "off (training inputs are augmented)"
-        if isinstance(teacher, Ensemble):
-            # Its logits depend on a temperature that may follow the T schedule.
-            return False, "off (an ensemble teacher's outputs follow the T schedule)"
-        return True, "on (training inputs never change: teacher outputs computed once per sample)"
 
 
 def resolve(cfg, device: torch.device) -> Perf:

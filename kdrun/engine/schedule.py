@@ -85,3 +85,13 @@ def knob_values(schedule: Mapping[str, Mapping], epoch: int, epochs: int, stage:
         position = progress_of(epoch - 1, epochs) if spec.get("per", "epoch") == "epoch" else progress_of(stage, stages)
         values[knob] = float(ramp(spec["kind"], float(spec["start"]), float(spec["end"]), position, int(spec.get("steps", 1))))
     return values
+
+
+def describe_ramp(spec: Mapping) -> str:
+    """A knob schedule as the recipe's formula shows it: ``linear 10->1``, ``step 8->2 in 3 steps per stage``."""
+    text = f"{spec['kind']} {float(spec['start']):g}->{float(spec['end']):g}"
+    if spec["kind"] == "step":
+        text += f" in {int(spec.get('steps', 1))} steps"
+    if spec.get("per", "epoch") == "stage":
+        text += " per stage"
+    return text

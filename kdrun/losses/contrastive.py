@@ -32,6 +32,8 @@ from rank 0, so all ranks hold the same memory, as one process with the global b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import copy
 import math
 
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from kdrun.engine import distributed
 from kdrun.errors import ConfigError
 from kdrun.losses.adapters import projection
-from kdrun.losses.base import StepOutputs, Term
+from kdrun.losses.base import StepOutputs, Term, one_tap
 
 # Rounds of redrawing negatives that clash with the anchor (same sample, or same class).
 # With c balanced classes a class clash survives them with probability (1/c)^5.
@@ -198,11 +200,12 @@ class FeatureQueue(_Memory):
 class CRD(Term):
     symbol = "CRD"
     needs_index = True
+    needs_setup = True
 
     def __init__(
         self,
-        student: str = "embedding",
-        teacher: str = "embedding",
+        student_taps: str | Sequence[str] = "embedding",
+        teacher_taps: str | Sequence[str] = "embedding",
         feat_dim: int = 128,
         nce_k: int = 16384,
         nce_t: float = 0.07,
@@ -226,7 +229,7 @@ class CRD(Term):
                 f"loss.crd needs nce_t > 0 and momentum, key_momentum in [0, 1) "
                 f"(got nce_t={nce_t}, momentum={momentum}, key_momentum={key_momentum})"
             )
-        self.student_taps, self.teacher_taps = (student,), (teacher,)
+        self.student_taps, self.teacher_taps = one_tap(self.symbol, student_taps, teacher_taps)
         self.feat_dim, self.nce_k, self.nce_t, self.objective = feat_dim, nce_k, nce_t, objective
         self.key_momentum = key_momentum
         exclude_class = negatives == "other_class"
@@ -268,7 +271,7 @@ class CRD(Term):
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         if outputs.index is None:
             raise ValueError("CRD needs each sample's index (outputs.index); the data pipeline adds it when needs_index")
-        index, labels = outputs.index, outputs.labels
+        index, labels = outputs.index, outputs.targets()
         # Similarities at T=0.07 need full precision: keep the term out of autocast.
         with torch.autocast(index.device.type, enabled=False):
             student_features = outputs.student_features[self.student_taps[0]].float()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kdrun.errors import ConfigError
 from kdrun.features import LAST_STAGE
 from kdrun.losses.adapters import align_maps, is_map, pool_to, projection
-from kdrun.losses.base import StepOutputs, Term
+from kdrun.losses.base import StepOutputs, Term, tap_list
 
 
 def fitnet_hint(student: torch.Tensor, teacher: torch.Tensor, regressor: nn.Module) -> torch.Tensor:
@@ -65,11 +65,6 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, variance: torch.Tenso
     return (0.5 * (variance.log() + (target - mean).pow(2) / variance)).mean()
 
 
-def tap_list(value: str | Sequence[str]) -> tuple[str, ...]:
-    """Taps from config: one module path, or a list of them."""
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
 class PairedFeatureTerm(Term):
     """A term over pairs ``student_taps[i] -> teacher_taps[i]`` of tapped features."""
 
@@ -97,9 +92,12 @@ class FitNet(PairedFeatureTerm):
     otherwise) maps the student's hint layer onto the teacher's guided layer."""
 
     symbol = "FitNet"
+    needs_setup = True
 
-    def __init__(self, student_tap: str = LAST_STAGE, teacher_tap: str = LAST_STAGE):
-        super().__init__(student_tap, teacher_tap)
+    def __init__(self, student_taps: str | Sequence[str] = LAST_STAGE, teacher_taps: str | Sequence[str] = LAST_STAGE):
+        super().__init__(student_taps, teacher_taps)
+        if len(self.student_taps) != 1:
+            raise ConfigError(f"FitNet matches one hint layer; got student_taps={list(self.student_taps)}")
         self.regressor: nn.Module | None = None
 
     def describe(self) -> str:
@@ -168,6 +166,7 @@ class VID(PairedFeatureTerm):
     """
 
     symbol = "VID"
+    needs_setup = True
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.losses.base import StepOutputs, Term
+from kdrun.tasks.base import IGNORE
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -112,11 +113,12 @@ class CrossEntropy(Term):
         return f"CE(ls={self.label_smoothing:g})" if self.label_smoothing else "CE"
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
-        if outputs.labeled is None:
-            return F.cross_entropy(outputs.student_logits, outputs.labels, label_smoothing=self.label_smoothing)
-        # Mean over the labelled samples only; a batch without any gives 0 (with a graph).
-        per_sample = F.cross_entropy(outputs.student_logits, outputs.labels, label_smoothing=self.label_smoothing, reduction="none")
-        return (per_sample * outputs.labeled).sum() / outputs.labeled.sum().clamp(min=1)
+        logits, labels = outputs.student_logits, outputs.labels
+        if not outputs.partial_labels:
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        # Mean over the labelled items only; a batch without any gives 0 (with a graph).
+        per_item = F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=self.label_smoothing, reduction="none")
+        return per_item.sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
 class SoftTargets(Term):
@@ -128,6 +130,7 @@ class SoftTargets(Term):
     """
 
     symbol = "KD"
+    knobs = ("T",)
 
     def __init__(self, T: float = 4.0, standardize: bool = False):
         super().__init__()
@@ -135,7 +138,7 @@ class SoftTargets(Term):
         self.standardize = bool(standardize)
 
     def describe(self) -> str:
-        return f"KD(T={self.T:g}{',std' if self.standardize else ''})"
+        return f"KD({self.show('T')}{',std' if self.standardize else ''})"
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         return soft_target_kl(outputs.student_logits, outputs.teacher_logits, self.T, self.standardize)
@@ -151,6 +154,7 @@ class DecoupledKD(Term):
     """
 
     symbol = "DKD"
+    knobs = ("T",)
 
     def __init__(
         self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup_epochs: float = 20, standardize: bool = False
@@ -161,7 +165,7 @@ class DecoupledKD(Term):
         self.standardize = bool(standardize)
 
     def describe(self) -> str:
-        return f"DKD(a={self.alpha:g},b={self.beta:g},T={self.T:g}{',std' if self.standardize else ''})"
+        return f"DKD(a={self.alpha:g},b={self.beta:g},{self.show('T')}{',std' if self.standardize else ''})"
 
     def warmup(self, progress: float | None) -> float:
         if progress is None or self.warmup_epochs <= 0:
@@ -172,7 +176,7 @@ class DecoupledKD(Term):
         student, teacher = outputs.student_logits, outputs.teacher_logits
         if self.standardize:
             student, teacher = standardize(student), standardize(teacher)
-        tckd, nckd = decoupled_kd_parts(student, teacher, outputs.labels, self.T)
+        tckd, nckd = decoupled_kd_parts(student, teacher, outputs.targets(), self.T)
         return self.warmup(outputs.progress) * (self.alpha * tckd + self.beta * nckd).mean()
 
 
@@ -185,13 +189,14 @@ class DIST(Term):
     """
 
     symbol = "DIST"
+    knobs = ("tau",)
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0):
         super().__init__()
         self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
 
     def describe(self) -> str:
-        return f"DIST(b={self.beta:g},g={self.gamma:g},tau={self.tau:g})"
+        return f"DIST(b={self.beta:g},g={self.gamma:g},{self.show('tau')})"
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         return dist_loss(outputs.student_logits, outputs.teacher_logits, self.beta, self.gamma, self.tau)

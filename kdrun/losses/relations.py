@@ -9,6 +9,8 @@ are computed without a graph. Constants follow the authors' reference code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 from collections.abc import Callable
 
@@ -17,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.losses.adapters import projection
-from kdrun.losses.base import StepOutputs, Term
+from kdrun.losses.base import StepOutputs, Term, one_tap
 
 
 def _with_fixed_target(relation: Callable, student: torch.Tensor, teacher: torch.Tensor):
@@ -117,9 +119,9 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
 class RelationTerm(Term):
     """Reads one tap from each model and flattens it to ``(B, -1)`` vectors."""
 
-    def __init__(self, student: str = "embedding", teacher: str = "embedding"):
+    def __init__(self, student_taps: str | Sequence[str] = "embedding", teacher_taps: str | Sequence[str] = "embedding"):
         super().__init__()
-        self.student_taps, self.teacher_taps = (student,), (teacher,)
+        self.student_taps, self.teacher_taps = one_tap(self.symbol, student_taps, teacher_taps)
 
     def where(self) -> str:
         student, teacher = self.student_taps[0], self.teacher_taps[0]
@@ -150,8 +152,8 @@ class RKD(RelationTerm):
 class SimilarityPreserving(RelationTerm):
     symbol = "SP"
 
-    def __init__(self, student: str = "last_stage", teacher: str = "last_stage"):
-        super().__init__(student, teacher)
+    def __init__(self, student_taps: str | Sequence[str] = "last_stage", teacher_taps: str | Sequence[str] = "last_stage"):
+        super().__init__(student_taps, teacher_taps)
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         return similarity_preserving_loss(*self.pair(outputs))
@@ -169,6 +171,7 @@ class CorrelationCongruence(RelationTerm):
     which bring student and teacher to a common width; both embeddings are trained."""
 
     symbol = "CC"
+    needs_setup = True
 
     def __init__(self, gamma: float = 0.4, order: int = 2, embed_dim: int = 128, **taps):
         super().__init__(**taps)

@@ -95,6 +95,8 @@ def is_attention(feature: torch.Tensor) -> bool:
 class PairedTaps(PairedFeatureTerm):
     """Tap pairs (see :class:`kdrun.losses.features.PairedFeatureTerm`) plus each side's layout of 3-D features."""
 
+    needs_setup = True
+
     def __init__(
         self,
         student_taps: str | Sequence[str],

@@ -20,7 +20,12 @@ def average_probs_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor, 
 
 
 class Ensemble(nn.Module):
-    """Members' outputs averaged as probabilities (optionally weighted) at temperature ``T``."""
+    """Members' outputs averaged as probabilities (optionally weighted) at temperature ``T``.
+
+    As a teacher its outputs follow the ``T`` knob (its schedule included), so the soft targets
+    are the mean of the members' softened outputs at the recipe's temperature."""
+
+    knobs = ("T",)
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float] | None = None, T: float = 1.0):
         super().__init__()
@@ -31,3 +36,7 @@ class Ensemble(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return average_probs_logits([member(inputs) for member in self.members], self.weights, self.T)
+
+    def apply_knobs(self, values: dict[str, float]) -> None:
+        if "T" in values:
+            self.T = float(values["T"])

@@ -28,7 +28,7 @@ def _few(keys: set[str]) -> str:
     return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
-def in_model_layout(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def in_model_layout(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch: str | None = None) -> dict[str, torch.Tensor]:
     """``state`` keyed as ``model.state_dict()`` is: as given when it already is, else converted
     with ``model.reference_key``; a CheckpointError naming missing/unexpected keys when neither fits."""
     own = _required(model.state_dict())
@@ -47,7 +47,7 @@ def in_model_layout(model: nn.Module, state: dict[str, torch.Tensor], what: str)
     unexpected = {key for key, renamed in renaming.items() if renamed not in own and not renamed.endswith(OPTIONAL_SUFFIX)}
     which = f"match neither {' nor '.join(renamings)} layout" if len(renamings) > 1 else "do not match kdrun's layout"
     raise CheckpointError(
-        f"{what} does not fit the configured model {type(model).__name__}: its keys {which} "
+        f"{what} does not fit the configured model{f' {arch}' if arch else ''}: its keys {which} "
         f"(against {name}: missing {_few(missing) or 'none'}; unexpected {_few(unexpected) or 'none'}); "
         "check that its arch matches"
     )

@@ -194,8 +194,7 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
             for model, points in sorted(curves.items()):
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 15 else None,
                         markersize=3, label=f"{model} (val)", color=colours[model])
-            number_text = job.name.partition("_")[0]
-            title = f"#{number_text} " if number_text.isdigit() else ""
+            title = f"#{job.number} " if job.number is not None else ""
             title += ", ".join(f"{k}={job.overrides.get(k, '')}" for k in keys) or job.name[:40]
             title += "" if job.status == "completed" else f" [{job.status}]"
             tests = [(label, job.value(name)) for label, name in TEST_LABELS if job.value(name) is not None]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import kdrun
+from kdrun.models import count_params
 
 
 def versions() -> dict[str, Any]:
@@ -36,18 +37,19 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 @torch.no_grad()
-def seconds_per_batch(model: nn.Module, batch: torch.Tensor, budget_s: float = 0.25, max_iters: int = 50) -> float:
-    """Median forward time of ``model`` on ``batch`` in eval mode, after a warm-up pass."""
+def seconds_per_batch(model: nn.Module, forward, budget_s: float = 0.25, max_iters: int = 50) -> float:
+    """Median time of ``forward()`` (``model`` in eval mode), after a warm-up call."""
     was_training = model.training
     model.eval()
-    sync = torch.cuda.synchronize if batch.device.type == "cuda" else (lambda: None)
-    model(batch)
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    forward()
     sync()
     times: list[float] = []
     spent = 0.0
     while len(times) < max_iters and (spent < budget_s or len(times) < 3):
         start = time.perf_counter()
-        model(batch)
+        forward()
         sync()
         times.append(time.perf_counter() - start)
         spent += times[-1]
@@ -55,23 +57,108 @@ def seconds_per_batch(model: nn.Module, batch: torch.Tensor, budget_s: float = 0
     return sorted(times)[len(times) // 2]
 
 
-def distillation_figures(summary: dict[str, Any], student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor) -> dict[str, Any]:
-    """Gain over scratch, compression, retention and inference speed-up of student over teacher."""
+def model_entry(model, task_metrics) -> dict[str, Any]:
+    """A ``models`` entry of summary.json: role, arch, params, the test metrics, best validation
+    value, where it came from and its checkpoint (plus what the strategy added)."""
+    select = task_metrics.select
+    entry = {
+        "role": model.role, "arch": model.arch, "params": count_params(model.model),
+        **{f"test_{name}": value for name, value in model.test.items()},
+        f"best_val_{select}": model.best_val, "source": model.source,
+        "checkpoint": None if model.checkpoint is None else str(model.checkpoint),
+    }
+    entry.update(model.info)
+    return entry
+
+
+def _metrics_of(entry: dict[str, Any], task) -> dict[str, Any]:
+    keys = [f"test_{m.name}" for m in task.metrics] + [f"best_val_{task.select}"]
+    return {key: entry.get(key) for key in keys}
+
+
+def model_sections(result, scratch, task) -> dict[str, Any]:
+    """``student``, ``teacher``, ``scratch`` and ``models`` of summary.json from a strategy's result."""
+    models = {name: model_entry(model, task) for name, model in result.models.items()}
+    if scratch is not None:
+        models["scratch"] = model_entry(scratch, task)
+    student = models.get(result.student.name) or model_entry(result.student, task)
+    sections: dict[str, Any] = {
+        "student": {"arch": student["arch"], "params": student["params"], **_metrics_of(student, task), "model": result.student.name},
+        "teacher": None, "scratch": None, "models": models,
+    }
+    if result.teacher is not None:
+        teacher = models.get(result.teacher.name) or model_entry(result.teacher, task)
+        sections["teacher"] = {"arch": teacher["arch"], "params": teacher["params"], **_metrics_of(teacher, task),
+                               "source": teacher["source"], "path": teacher["checkpoint"]}
+        if "members" in teacher:
+            sections["teacher"]["members"] = [models[name] for name in teacher["members"]]
+            sections["teacher"]["weights"] = teacher.get("weights")
+    if scratch is not None:
+        sections["scratch"] = {**_metrics_of(models["scratch"], task), "source": scratch.source, **scratch.info}
+    return sections
+
+
+def strategy_sections(result, task) -> dict[str, Any]:
+    """Sections a strategy's models imply, by their roles: the generations of born-again, the
+    chain of a progressive run, self-distillation's heads, an ensemble of the trained models;
+    plus the strategy's own details."""
+    select = f"test_{task.select}"
+    by_role: dict[str, list] = {}
+    for model in result.models.values():
+        by_role.setdefault(model.role, []).append(model)
+    sections: dict[str, Any] = dict(result.details)
+    generations = [m for m in result.models.values() if m.name.startswith("gen") and m.name[3:].isdigit()]
+    if generations:
+        sections["generations"] = [{"generation": int(m.name[3:]), select: m.test.get(task.select),
+                                    f"best_val_{task.select}": m.best_val} for m in generations]
+    if "assistant" in by_role:
+        chain = [result.teacher, *by_role["assistant"], result.student]
+        sections["chain"] = [{"model": m.name, "arch": m.arch, select: m.test.get(task.select)} for m in chain]
+    if "auxiliary" in by_role:
+        sections["heads"] = {m.name: {"tap": m.info.get("tap"), select: m.test.get(task.select)} for m in by_role["auxiliary"]}
+    ensembles = [m for m in by_role.get("ensemble", []) if "members" in m.info]
+    if ensembles:
+        sections["ensemble"] = {select: ensembles[0].test.get(task.select), "members": ensembles[0].info["members"]}
+    return sections
+
+
+def recipe_sections(recipe, rows: list[dict], student_name: str) -> dict[str, Any]:
+    """The recipe as a formula, its final weights, and the parts of the student's last training epoch."""
+    if recipe is None:
+        return {"recipe": None, "recipe_weights": None, "loss_parts": None}
+    last_train = [r for r in rows if r.get("model") == student_name and r.get("split") == "train"][-1:]
+    return {
+        "recipe": str(recipe), "recipe_weights": dict(recipe.weights),
+        "loss_parts": {k: v for row in last_train for k, v in row.items() if k.startswith("loss/")},
+    }
+
+
+def distillation_figures(summary: dict[str, Any], task, student: nn.Module, teacher: nn.Module | None,
+                         batch) -> dict[str, Any]:
+    """Gain over scratch, compression, retention and inference speed-up of student over teacher.
+
+    ``gain`` is positive when distillation helped: student minus scratch for a metric where
+    higher is better (accuracy), scratch minus student where lower is (perplexity); likewise
+    ``retention`` is the share of the teacher's figure the student keeps."""
+    metric = task.selected
+    key = f"test_{metric.name}"
     student_entry, teacher_entry, scratch_entry = summary["student"], summary.get("teacher"), summary.get("scratch")
-    figures: dict[str, Any] = {"gain": None, "compression": None, "retention": None, "speedup": None}
-    if scratch_entry:
-        figures["gain"] = student_entry["test_acc"] - scratch_entry["test_acc"]
-    student_s = seconds_per_batch(student, batch)
-    figures["student_samples_per_s"] = batch.shape[0] / student_s
+    figures: dict[str, Any] = {"metric": metric.name, "gain": None, "compression": None, "retention": None, "speedup": None}
+    sign = 1 if metric.higher_is_better else -1
+    if scratch_entry and scratch_entry.get(key) is not None:
+        figures["gain"] = sign * (student_entry[key] - scratch_entry[key])
+    student_s = seconds_per_batch(student, lambda: task.forward(student, batch))
+    figures["student_samples_per_s"] = batch.size / student_s
     if teacher_entry and teacher is not None:
         figures["compression"] = teacher_entry["params"] / student_entry["params"]
-        if teacher_entry["test_acc"] > 0:
-            figures["retention"] = 100.0 * student_entry["test_acc"] / teacher_entry["test_acc"]
-        teacher_s = seconds_per_batch(teacher, batch)
-        figures["teacher_samples_per_s"] = batch.shape[0] / teacher_s
+        ratio = (student_entry[key], teacher_entry[key]) if metric.higher_is_better else (teacher_entry[key], student_entry[key])
+        if ratio[1]:
+            figures["retention"] = 100.0 * ratio[0] / ratio[1]
+        teacher_s = seconds_per_batch(teacher, lambda: task.forward(teacher, batch))
+        figures["teacher_samples_per_s"] = batch.size / teacher_s
         figures["speedup"] = teacher_s / student_s
-    figures["speed_device"] = str(batch.device)
-    figures["speed_batch_size"] = batch.shape[0]
+    figures["speed_device"] = str(batch.labels.device)
+    figures["speed_batch_size"] = batch.size
     return figures
 
 
@@ -90,35 +177,40 @@ def _published_method(published: dict[str, Any]) -> str:
     return f"this method ({method}) {acc:.2f}"
 
 
+def _row(label: str, entry: dict[str, Any], key: str, fmt: str) -> tuple[str, str, str, str]:
+    return (label, str(entry["arch"]), f"{entry['params']:,}", _fmt(entry.get(key), fmt))
+
+
 def headline(summary: dict[str, Any]) -> str:
-    """A short table of the run's outcome, for the terminal and the log."""
+    """A short table of the run's outcome, for the terminal and the log: every model the strategy
+    trained or was given (the student marked), the scratch baseline, and the figures."""
+    task = summary.get("task") or {"select": "acc", "metrics": {"acc": {"title": "acc %"}}}
+    metric = task["select"]
+    key, fmt = f"test_{metric}", "{:.2f}"
     student, teacher, scratch, figures = summary["student"], summary.get("teacher"), summary.get("scratch"), summary["figures"]
-    rows = [("model", "arch", "params", "test acc %")]
+    rows = [("model", "arch", "params", f"test {task['metrics'][metric]['title']}")]
+    models = summary.get("models") or {}
+    teacher_name = next((name for name, m in models.items() if teacher and m.get("checkpoint") == teacher.get("path")
+                         and m.get("role") == "teacher"), None)
     if teacher:
-        rows.append(("teacher", teacher["arch"], f"{teacher['params']:,}", f"{teacher['test_acc']:.2f}"))
-    # Multi-model strategies list every model they trained; the student is marked.
-    strategy = summary.get("strategy")
-    student_name = ("student (KD)" if teacher else "student") if strategy in (None, "offline") else f"student ({strategy})"
-    models = {label: m for label, m in (summary.get("models") or {}).items()
-              if label not in ("teacher", "scratch") and not (teacher and m.get("checkpoint") == teacher.get("path"))}
-    for label, model in models.items():
-        name = student_name if label == "student" else f"{label} <- student" if label == student.get("model") else label
-        rows.append((name, model["arch"], f"{model['params']:,}", f"{model['test_acc']:.2f}"))
-    if not models:
-        rows.append((student_name, student["arch"], f"{student['params']:,}", f"{student['test_acc']:.2f}"))
+        rows.append(_row("teacher", teacher, key, fmt))
+    for name, entry in models.items():
+        if name in ("scratch", teacher_name) or (teacher and name == "teacher"):
+            continue
+        if name == student.get("model"):
+            label = ("student (distilled)" if teacher else "student") if name == "student" else f"{name} <- student"
+        else:
+            label = name
+        rows.append(_row(label, entry, key, fmt))
+    if not any(name not in ("scratch", teacher_name, "teacher") for name in models):
+        rows.append(_row("student", student, key, fmt))
     if scratch:
-        rows.append(("student (scratch)", student["arch"], f"{student['params']:,}", f"{scratch['test_acc']:.2f}"))
+        rows.append(_row(f"student (scratch{', ' + scratch['trained_on'] if scratch.get('trained_on') else ''})",
+                         {**student, key: scratch.get(key)}, key, fmt))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append(
-        f"gain from distillation: {_fmt(figures['gain'], '{:+.2f} points', 'n/a (scratch=false)')}   "
-        f"compression: {_fmt(figures['compression'], '{:.1f}x')}   "
-        f"retention: {_fmt(figures['retention'], '{:.1f}%')}   "
-        f"inference speed-up: {_fmt(figures['speedup'], '{:.2f}x')} on {figures['speed_device']} "
-        f"(batch {figures['speed_batch_size']})"
-    )
+    lines += ["", figures_line(figures, metric)]
     published = summary.get("published")
     if published:
         lines.append(
@@ -126,3 +218,14 @@ def headline(summary: dict[str, Any]) -> str:
             f"student {_fmt(published.get('student_acc'), '{:.2f}')}, {_published_method(published)}"
         )
     return "\n".join(lines)
+
+
+def figures_line(figures: dict[str, Any], metric: str) -> str:
+    unit = "points" if metric == "acc" else metric
+    return (
+        f"gain from distillation: {_fmt(figures['gain'], '{:+.2f} ' + unit, 'n/a (scratch=false)')}   "
+        f"compression: {_fmt(figures['compression'], '{:.1f}x')}   "
+        f"retention: {_fmt(figures['retention'], '{:.1f}%')}   "
+        f"inference speed-up: {_fmt(figures['speedup'], '{:.2f}x')} on {figures['speed_device']} "
+        f"(batch {figures['speed_batch_size']})"
+    )

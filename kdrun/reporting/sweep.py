@@ -37,6 +37,12 @@ class Job:
         return self.path.name
 
     @property
+    def number(self) -> int | None:
+        """The job number a sweep gave it (``003_T-4`` -> 3); None for a run outside a sweep."""
+        head = self.path.name.partition("_")[0]
+        return int(head) if head.isdigit() else None
+
+    @property
     def status(self) -> str:
         """completed, failed, interrupted, or killed (no summary.json, or one still saying running)."""
         status = self.summary.get("status")
@@ -197,8 +203,7 @@ def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
     header += ["published %"] if published else []
     rows = []
     for job in jobs:
-        number = job.name.partition("_")[0]
-        row = [number if number.isdigit() else job.name, *(_short(job.overrides.get(k, "")) for k in keys), job.status]
+        row = [str(job.number) if job.number is not None else job.name, *(_short(job.overrides.get(k, "")) for k in keys), job.status]
         row += [_cell(job.value(name), "{:+.2f}" if name == "gain" else "{:.2f}") for name in ACCURACIES]
         row += [_cell(job.value("student_params"), "{:,}"), _cell(job.value("wall_time_s"), "{:.1f}")]
         row += [_cell(job.value("published_method_acc"))] if published else []
@@ -248,9 +253,8 @@ def summary_markdown(jobs: list[Job], title: str) -> str:
     if failed:
         lines += ["", "## Jobs that did not complete", ""]
         for job in failed:
-            number = job.name.partition("_")[0]
             setting = ", ".join(f"{key}={job.overrides.get(key, '')}" for key in keys)
-            where = f"job {number} ({setting})" if number.isdigit() and setting else f"`{job.name}`"
+            where = f"job {job.number} ({setting})" if job.number is not None and setting else f"`{job.name}`"
             lines.append(f"- {where}: {job.status}: {job.error or 'no error recorded'}")
     return "\n".join(lines) + "\n"
 

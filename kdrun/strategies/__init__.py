@@ -1,5 +1,2 @@
-"""Strategies decide who teaches whom; each is a small class with ``run(ctx) -> dict``.
-
-The returned dict holds the ``summary.json`` sections the strategy knows
-about (``student``, ``teacher``, ``scratch``, ...); :mod:`kdrun.run` adds the rest.
-"""
+"""Strategies decide who teaches whom; each is a small :class:`~kdrun.strategies.base.Strategy`
+whose ``run(ctx)`` returns a :class:`~kdrun.strategies.base.StrategyResult`."""

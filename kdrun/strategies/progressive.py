@@ -5,64 +5,44 @@ capacity gap, teacher -> TA_1 -> ... -> student, each stage distilled from the o
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from omegaconf import OmegaConf
 
-from kdrun.distill import check_recipe
-from kdrun.errors import ConfigError
-from kdrun.losses import build_recipe
-from kdrun.strategies.common import (
-    distill_stage,
-    export_student,
-    provide,
-    scratch_baseline,
-    scratch_section,
-    student_section,
-    teacher_section,
-)
+from kdrun.distiller import Distiller, check_recipe
+from kdrun.losses.recipe import recipe_from
+from kdrun.provision import provision
+from kdrun.strategies.base import Strategy, StrategyResult, model_list
+from kdrun.strategies.common import distill, export_student
 
 log = logging.getLogger(__name__)
 
 
-class Progressive:
+class Progressive(Strategy):
     name = "progressive"
+    needs_distillation = True
 
-    def run(self, ctx) -> dict[str, Any]:
+    def check(self, cfg) -> None:
+        if cfg.strategy.get("chain") is not None:
+            model_list(cfg, "chain", "[cnn_small]")
+
+    def run(self, ctx) -> StrategyResult:
         cfg = ctx.cfg
-        assistants = [OmegaConf.create(c) if not OmegaConf.is_config(c) else c for c in (cfg.strategy.chain or [])]
-        recipe = build_recipe(cfg.loss)
-        if not recipe.needs_teacher:
-            raise ConfigError(f"strategy=progressive needs a recipe with a distillation term (e.g. loss=kd); got {recipe}")
-        chain = [*assistants, cfg.student]
-        labels = [f"ta{i}" for i in range(1, len(assistants) + 1)] + ["student"]
+        chain = [*(OmegaConf.create(c) if not OmegaConf.is_config(c) else c for c in (cfg.strategy.chain or [])), cfg.student]
+        names = [f"ta{i}" for i in range(1, len(chain))] + ["student"]
         # Every pair of neighbours must fit the recipe's taps before anything trains.
         built = [ctx.build_model(cfg.teacher)] + [ctx.build_model(c) for c in chain]
         for upper, lower in zip(built, built[1:]):
-            check_recipe(recipe, lower, upper)
+            check_recipe(recipe_from(cfg), lower, upper)
         log.info("Progressive chain: %s", " -> ".join([str(cfg.teacher.arch)] + [str(c.arch) for c in chain]))
 
-        teacher = provide(ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher")
+        teacher = provision(ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher")
         previous, trained = teacher, []
-        for stage, (label, model_cfg) in enumerate(zip(labels, chain)):
-            title = f"stage {stage + 1}/{len(chain)} ({label}: {model_cfg.arch} <- {previous.entry['arch']})"
-            previous = distill_stage(ctx, label, title, model_cfg, previous.model, "assistant" if label != "student" else "student",
-                                     stage=stage, stages=len(chain))
+        for stage, (name, model_cfg) in enumerate(zip(names, chain)):
+            title = f"stage {stage + 1}/{len(chain)} ({name}: {model_cfg.arch} <- {previous.arch})"
+            recipe = recipe_from(cfg, stage=stage, stages=len(chain))
+            distiller = Distiller(ctx.build_model(model_cfg), recipe, ctx.task, previous.model)
+            previous = distill(ctx, name, distiller, role="assistant" if name != "student" else "student",
+                               arch=str(model_cfg.arch), title=title)
             trained.append(previous)
-
-        student = trained[-1]
-        export_student(ctx, student)
-        scratch = scratch_baseline(ctx)
-        models = {"teacher": teacher.entry, **{t.label: t.entry for t in trained}}
-        if scratch is not None:
-            models["scratch"] = scratch.entry
-        return {
-            "recipe": str(recipe),
-            "recipe_weights": dict(recipe.weights),
-            "teacher": teacher_section(teacher),
-            "student": student_section(student),
-            "scratch": scratch_section(scratch),
-            "chain": [{"model": t.label, "arch": t.entry["arch"], "test_acc": t.test_acc} for t in [teacher, *trained]],
-            "models": models,
-            "_models": {"student": student.model, "teacher": teacher.model},
-        }
+        export_student(ctx, trained[-1])
+        return StrategyResult(student=trained[-1], models={m.name: m for m in (teacher, *trained)}, teacher=teacher, recipe=recipe)

@@ -7,32 +7,22 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdrun.distill import DistillTask
+from kdrun.distiller import Distiller
+from kdrun.engine.loop import evaluate
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTaps, check_paths, resolve_path
-from kdrun.losses import StepOutputs, WeightedSum, build_recipe
-from kdrun.strategies.common import (
-    best_val_accs,
-    entry,
-    finish_model,
-    knob_schedule,
-    prepare,
-    require_logit_recipe,
-    scratch_baseline,
-    scratch_section,
-    student_section,
-    student_training,
-)
-from kdrun.engine.loop import evaluate
+from kdrun.losses import StepOutputs, WeightedSum
+from kdrun.losses.recipe import recipe_from
 from kdrun.models import count_params
-from kdrun.teachers import fit_spec
+from kdrun.strategies.base import Strategy, StrategyResult, TrainedModel, number_in
+from kdrun.strategies.common import best_vals, distill
+from kdrun.tasks import Batch, Task
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +42,10 @@ class AuxiliaryHead(nn.Module):
     def __init__(self, feature_shape: torch.Size, embedding_dim: int, num_classes: int):
         super().__init__()
         channels = feature_shape[1]
-        self.pool = nn.Flatten() if len(feature_shape) == 2 else nn.Sequential(nn.AdaptiveAvgPool1d(1) if len(feature_shape) == 3 else nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        if len(feature_shape) == 2:
+            self.pool = nn.Flatten()
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool1d(1) if len(feature_shape) == 3 else nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.project = nn.Sequential(nn.Linear(channels, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True))
         self.fc = nn.Linear(embedding_dim, num_classes)
 
@@ -63,7 +56,7 @@ class AuxiliaryHead(nn.Module):
 
 class HeadModel(nn.Module):
     """One auxiliary classifier as a model of its own (for evaluation): the student's
-    forward up to the tap, then the head. Needs the task's taps to be active."""
+    forward up to the tap, then the head. Needs the distiller's taps to be active."""
 
     def __init__(self, student: nn.Module, taps: FeatureTaps, path: str, head: AuxiliaryHead):
         super().__init__()
@@ -76,78 +69,65 @@ class HeadModel(nn.Module):
         return self.head(self._taps.outputs[self.path])[0]
 
 
-class SelfDistillTask(DistillTask):
-    def __init__(self, student: nn.Module, recipe: WeightedSum, paths: list[str], feature_weight: float, knobs=None):
-        # The recipe is the shallow heads' (their teacher is the deepest classifier, not a model).
-        super().__init__(student, recipe, None, knobs, check=False)
+class SelfDistiller(Distiller):
+    """The student, its auxiliary heads (submodules, so they train, checkpoint and join DDP with
+    it) and the heads' recipe, whose teacher is the deepest classifier rather than a model."""
+
+    def __init__(self, student: nn.Module, recipe: WeightedSum, task: Task, paths: list[str], feature_weight: float):
+        super().__init__(student, recipe, task, None, check=False)
         self.paths, self.feature_weight = paths, feature_weight
         self.student_taps = FeatureTaps(student, [*paths, EMBEDDING], owner="student")
         self.heads = nn.ModuleDict()
 
-    def labels_of_heads(self) -> dict[str, str]:
+    def head_paths(self) -> dict[str, str]:
         return {f"head{i}": path for i, path in enumerate(self.paths, start=1)}
 
-    def setup(self, inputs, labels) -> None:
-        with torch.no_grad():
+    def setup(self, batch: Batch) -> None:
+        was_training = self.student.training
+        self.student.eval()
+        with self, torch.no_grad():
             self.student_taps.clear()
-            logits = self.student(inputs)
+            logits = self.task.forward(self.student, batch)
             features = dict(self.student_taps.outputs)
+        self.student.train(was_training)
         embedding_dim = features[EMBEDDING].flatten(1).shape[1]
-        for label, path in self.labels_of_heads().items():
-            self.heads[label] = AuxiliaryHead(features[path].shape, embedding_dim, logits.shape[1]).to(inputs.device)
-        self.recipe.setup(StepOutputs(student_logits=logits, labels=labels, teacher_logits=logits))
+        for name, path in self.head_paths().items():
+            self.heads[name] = AuxiliaryHead(features[path].shape, embedding_dim, logits.shape[1]).to(logits.device)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return super().parameters() + list(self.heads.parameters())
+    def evaluated(self) -> dict[str, nn.Module]:
+        return {name: HeadModel(self.student, self.student_taps, path, self.heads[name]) for name, path in self.head_paths().items()}
 
-    def train(self, mode: bool = True) -> None:
-        super().train(mode)
-        self.heads.train(mode)
-
-    def to(self, device):
-        super().to(device)
-        self.heads.to(device)
-        return self
-
-    def head_models(self) -> dict[str, HeadModel]:
-        return {label: HeadModel(self.student, self.student_taps, path, self.heads[label])
-                for label, path in self.labels_of_heads().items()}
-
-    def extra_evaluations(self) -> dict[str, nn.Module]:
-        return self.head_models()
-
-    def loss(self, inputs, labels, index=None, progress=None):
+    def forward(self, batch: Batch, progress=None):
         self.student_taps.clear()
-        deepest = self.student(inputs)
+        deepest, labels = self.task.scored(self.task.forward(self.student, batch), batch)
         features = self.student_taps.outputs
         target_feature = features[EMBEDDING].flatten(1).detach()
         total = F.cross_entropy(deepest, labels)
         parts: dict[str, torch.Tensor] = {"loss/deepest_ce": total.detach()}
-        for label, path in self.labels_of_heads().items():
-            logits, hidden = self.heads[label](features[path])
+        for name, path in self.head_paths().items():
+            logits, hidden = self.heads[name](features[path])
             head_loss, head_parts = self.recipe(StepOutputs(
                 student_logits=logits, labels=labels, teacher_logits=deepest.detach(), progress=progress))
             feature_loss = F.mse_loss(hidden, target_feature)
             total = total + head_loss + self.feature_weight * feature_loss
-            for name, value in {**head_parts, "loss/feature": feature_loss}.items():
-                parts[name] = parts.get(name, 0.0) + value.detach() / len(self.paths)
-        return total, parts, deepest
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "heads": self.heads.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.heads.load_state_dict(state["heads"])
+            for part, value in {**head_parts, "loss/feature": feature_loss}.items():
+                parts[part] = parts.get(part, 0.0) + value.detach() / len(self.paths)
+        return total, parts, deepest, labels
 
 
-class SelfDistill:
+class SelfDistill(Strategy):
     name = "self"
+    logit_terms_only = True
 
-    def run(self, ctx) -> dict[str, Any]:
+    def check(self, cfg) -> None:
+        number_in(cfg, "feature_weight", 0)
+        taps = cfg.strategy.get("taps")
+        if taps is not None and not OmegaConf.is_list(taps):
+            raise ConfigError(f"strategy.taps={taps!r} must be a list of module paths, e.g. strategy.taps=[stage1,stage2]")
+
+    def run(self, ctx) -> StrategyResult:
         cfg, strategy = ctx.cfg, ctx.cfg.strategy
-        recipe = build_recipe(cfg.loss)
-        require_logit_recipe(recipe, "self")
+        recipe = recipe_from(cfg)
         student = ctx.build_model(cfg.student)
         paths = [resolve_path(student, p) for p in strategy.taps] if strategy.get("taps") else stage_paths(student)
         if not paths:
@@ -157,41 +137,28 @@ class SelfDistill:
             )
         check_paths(student, [*paths, EMBEDDING], "student")
         feature_weight = float(strategy.feature_weight)
-        if feature_weight < 0:
-            raise ConfigError(f"strategy.feature_weight={feature_weight} must be >= 0")
-        task = prepare(ctx, SelfDistillTask(student, recipe, paths, feature_weight, knobs=knob_schedule(ctx, recipe)))
+        distiller = SelfDistiller(student, recipe, ctx.task, paths, feature_weight)
         log.info("Self-distillation: auxiliary heads on %s learn from the deepest classifier with %s + %g*feature L2",
                  ", ".join(paths), recipe, feature_weight)
-        ckpt_dir = ctx.run_dir / "checkpoints"
-        meta = {"arch": str(cfg.student.arch), "config": OmegaConf.to_container(cfg, resolve=True)}
-        result = ctx.fit(task, fit_spec(student_training(cfg)), "student", ckpt_dir, meta)
-        trained = finish_model(ctx, "student", student, "deepest", str(cfg.student.arch), result.epochs,
-                               result.best_val_acc, ckpt_dir, meta)
-        models = {}
-        head_models = task.head_models()
-        best_val = best_val_accs(ctx, head_models)
-        with task:  # the heads read the student's taps
-            for label, head_model in head_models.items():
-                test_acc, test_loss = evaluate(head_model, ctx.data.test, ctx.device)
-                ctx.metrics.write(epoch=result.epochs, model=label, split="test", acc=test_acc, loss=test_loss)
-                models[label] = {**entry("auxiliary", f"{cfg.student.arch}[:{head_model.path}]+head", head_model, test_acc,
-                                         best_val[label], ckpt_dir / "last.pt"),
-                                 "params": count_params(head_model.head) + count_params_upto(student, head_model.path),
-                                 "tap": head_model.path}
-        models["student"] = trained.entry
-        scratch = scratch_baseline(ctx)
-        if scratch is not None:
-            models["scratch"] = scratch.entry
-        return {
-            "recipe": str(recipe),
-            "recipe_weights": dict(recipe.weights),
-            "teacher": None,
-            "student": student_section(trained),
-            "scratch": scratch_section(scratch),
-            "heads": {label: {"tap": m["tap"], "test_acc": m["test_acc"]} for label, m in models.items() if m.get("tap")},
-            "models": models,
-            "_models": {"student": student, "teacher": None},
-        }
+        arch = str(cfg.student.arch)
+        trained = distill(ctx, "student", distiller, role="student", arch=arch, ckpt_dir=ctx.run_dir / "checkpoints")
+        heads = self.test_heads(ctx, distiller, arch, trained)
+        return StrategyResult(student=trained, models={**heads, "student": trained}, recipe=recipe)
+
+    @staticmethod
+    def test_heads(ctx, distiller: SelfDistiller, arch: str, trained: TrainedModel) -> dict[str, TrainedModel]:
+        head_models = distiller.evaluated()
+        best = best_vals(ctx, head_models)
+        heads = {}
+        with distiller:  # the heads read the student's taps
+            for name, head in head_models.items():
+                test = evaluate(head, ctx.data.test, ctx.task, ctx.device)
+                ctx.metrics.write(epoch=int(ctx.cfg.epochs), model=name, split="test", **test)
+                params = count_params(head.head) + count_params_upto(distiller.student, head.path)
+                heads[name] = TrainedModel(name, "auxiliary", f"{arch}[:{head.path}]+head", head, test, best[name],
+                                           checkpoint=trained.checkpoint.with_name("last.pt"),
+                                           info={"tap": head.path, "params": params})
+        return heads
 
 
 def count_params_upto(model: nn.Module, path: str) -> int:

@@ -5,42 +5,18 @@ learns from both (CE on the labelled samples, the distillation terms on all of t
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Subset
 
 from kdrun.data import HiddenLabels
-from kdrun.distill import DistillTask, check_recipe
-from kdrun.errors import ConfigError
-from kdrun.losses import build_recipe
-from kdrun.strategies.common import (
-    finish_model,
-    knob_schedule,
-    prepare,
-    provide,
-    student_section,
-    student_training,
-    teacher_section,
-)
-from kdrun.teachers import fit_spec
+from kdrun.distiller import Distiller, check_recipe
+from kdrun.losses.recipe import recipe_from
+from kdrun.provision import provision
+from kdrun.strategies.base import Baseline, Strategy, StrategyResult, number_in
+from kdrun.strategies.common import distill
 
 log = logging.getLogger(__name__)
-
-
-class PseudoLabelTask(DistillTask):
-    """Hidden labels (-1) become the teacher's predictions for terms that need a class
-    (e.g. DKD's target class); ``outputs.labeled`` keeps CE on the real labels only."""
-
-    def outputs(self, inputs, labels, index=None, progress=None):
-        outputs = super().outputs(inputs, labels, index, progress)
-        labeled = labels >= 0
-        if outputs.teacher_logits is not None:
-            outputs.labels = torch.where(labeled, labels, outputs.teacher_logits.argmax(1))
-        outputs.labeled = labeled.float()
-        return outputs
 
 
 def labeled_split(n: int, fraction: float, seed: int) -> tuple[list[int], set[int]]:
@@ -50,17 +26,18 @@ def labeled_split(n: int, fraction: float, seed: int) -> tuple[list[int], set[in
     return sorted(order[:keep]), set(order[keep:])
 
 
-class Unlabeled:
+class Unlabeled(Strategy):
     name = "unlabeled"
+    needs_distillation = True
 
-    def run(self, ctx) -> dict[str, Any]:
+    def check(self, cfg) -> None:
+        number_in(cfg, "labeled_fraction", 0, 1, open_low=True, open_high=True,
+                  why=": the share of training samples that keep their labels")
+
+    def run(self, ctx) -> StrategyResult:
         cfg = ctx.cfg
         fraction = float(cfg.strategy.labeled_fraction)
-        if not 0.0 < fraction < 1.0:
-            raise ConfigError(f"strategy.labeled_fraction={fraction} must be in (0, 1): the share of training samples that keep labels")
-        recipe = build_recipe(cfg.loss)
-        if not recipe.needs_teacher:
-            raise ConfigError(f"strategy=unlabeled needs a recipe with a distillation term (e.g. loss=kd); got {recipe}")
+        recipe = recipe_from(cfg)
         student = ctx.build_model(cfg.student)
         teacher_model = ctx.build_model(cfg.teacher)
         check_recipe(recipe, student, teacher_model)
@@ -70,31 +47,14 @@ class Unlabeled:
         log.info("Unlabeled data: %d of %d training samples keep their labels (%.0f%%); the rest get the teacher's soft targets",
                  len(labeled), len(full), 100 * fraction)
         variant = {"labeled_fraction": fraction, "labeled_samples": len(labeled)}
-        labeled_ctx = replace(ctx, data=ctx.data.with_train_set(Subset(full, labeled)))
-        teacher = provide(labeled_ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher", data_variant=variant,
-                          model=teacher_model)
+        labeled_data = ctx.data.with_train_set(Subset(full, labeled))
+        teacher = provision(ctx, "teacher", cfg.teacher, cfg.teacher_training, "teacher", data=labeled_data, variant=variant,
+                            model=teacher_model)
+        distiller = Distiller(student, recipe, ctx.task, teacher.model, partial_labels=True)
+        trained = distill(ctx, "student", distiller, role="student", arch=str(cfg.student.arch),
+                          ckpt_dir=ctx.run_dir / "checkpoints", data=ctx.data.with_train_set(HiddenLabels(full, hidden)))
         # The baseline the gain is measured against: the student on the labelled share alone.
-        scratch = provide(labeled_ctx, "scratch", cfg.student, student_training(cfg), "scratch", data_variant=variant)
-
-        ctx.data = ctx.data.with_train_set(HiddenLabels(full, hidden))
-        if recipe.needs_index:
-            ctx.data = ctx.data.indexed()
-        task = prepare(ctx, PseudoLabelTask(student, recipe, teacher.model, knobs=knob_schedule(ctx, recipe)))
-        ckpt_dir = ctx.run_dir / "checkpoints"
-        meta = {"arch": str(cfg.student.arch), "config": OmegaConf.to_container(cfg, resolve=True)}
-        result = ctx.fit(task, fit_spec(student_training(cfg)), "student", ckpt_dir, meta)
-        trained = finish_model(ctx, "student", student, "student", str(cfg.student.arch), result.epochs,
-                               result.best_val_acc, ckpt_dir, meta)
-        log.info("student on labelled + unlabeled data: %.2f%%; on the labelled share alone: %.2f%% (%+.2f)",
-                 trained.test_acc, scratch.test_acc, trained.test_acc - scratch.test_acc)
-        return {
-            "recipe": str(recipe),
-            "recipe_weights": dict(recipe.weights),
-            "teacher": teacher_section(teacher),
-            "student": student_section(trained),
-            "scratch": {"test_acc": scratch.test_acc, "best_val_acc": scratch.best_val_acc, "source": scratch.entry["source"],
-                        "trained_on": "labeled share"},
-            "unlabeled": {"labeled_fraction": fraction, "labeled_samples": len(labeled), "unlabeled_samples": len(hidden)},
-            "models": {"teacher": teacher.entry, "student": trained.entry, "scratch": scratch.entry},
-            "_models": {"student": student, "teacher": teacher.model},
-        }
+        baseline = Baseline(cfg.student, data=labeled_data, variant=variant, trained_on="labeled share")
+        details = {"unlabeled": {"labeled_fraction": fraction, "labeled_samples": len(labeled), "unlabeled_samples": len(hidden)}}
+        return StrategyResult(student=trained, models={"teacher": teacher, "student": trained}, teacher=teacher,
+                              recipe=recipe, baseline=baseline, details=details)

@@ -1,0 +1,32 @@
+"""Loading weights from a checkpoint file into a built model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from kdrun.engine.checkpoint import load, model_state
+from kdrun.errors import CheckpointError
+from kdrun.models.reference import in_model_layout
+
+
+def load_weights(model: nn.Module, path: str | Path, what: str, arch: str | None = None) -> dict[str, Any]:
+    """Load the weights of ``path`` into ``model``, in kdrun's key layout or a reference code's
+    (RepDistiller's released CIFAR teachers), whichever the keys are in. ``arch`` names the
+    model the user configured, for the error when the file holds another."""
+    obj = load(path, what)
+    try:
+        model.load_state_dict(in_model_layout(model, model_state(obj), f"{what} {path}", arch))
+    except (RuntimeError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(":")
+        # torch names the model's class (an internal one such as _Staged); name the user's model instead.
+        first = first.replace(f" for {type(model).__name__}", f" for {arch}" if arch else "")
+        saved = obj.get("arch")
+        mismatch = f"the file holds a {saved}, not a {arch}" if saved and arch and saved != arch else first
+        raise CheckpointError(
+            f"{what} {path} does not fit the configured model{f' {arch}' if arch else ''} ({mismatch}); "
+            "check that its arch and dataset match"
+        ) from err
+    return obj

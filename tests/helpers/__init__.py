@@ -1,0 +1,76 @@
+"""Helpers shared by the test modules: composing configs, running the real command line,
+reading a run's files. (Fixtures live in conftest.py.)"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from kdrun.config import register_resolvers
+
+CONF_DIR = str(importlib.resources.files("kdrun.conf"))
+
+# Small and fast: 2,000 MNIST-1D signals, two epochs, a teacher trained for four.
+FAST = [
+    "dataset.source.num_samples=2000",
+    "dataset.batch_size=64",
+    "epochs=2",
+    "teacher_training.epochs=4",
+]
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def kdrun_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "kdrun", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def sigterm_when_logged(marker: str, *args: str, cwd, command=(sys.executable, "-m", "kdrun")) -> tuple[int, str]:
+    """Run kdrun (or ``command``, e.g. torchrun, which passes the signal on), send SIGTERM once
+    ``marker`` shows in its log; return its exit code and the rest of its log."""
+    process = subprocess.Popen(
+        [*command, *args], cwd=cwd, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stderr:
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    return process.wait(timeout=120), rest
+
+
+def recipe_state(run_dir: Path) -> dict:
+    """The recipe's part of the distiller state in ``checkpoints/last.pt`` (adapters, memories), keyed
+    as in the recipe (``terms.<name>....``)."""
+    from kdrun.engine import checkpoint
+
+    state = checkpoint.load(Path(run_dir) / "checkpoints" / "last.pt")["distiller"]
+    return {key.removeprefix("recipe."): value for key, value in state.items() if key.startswith("recipe.")}
