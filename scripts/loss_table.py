@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from kdrun.reporting.sweep import spread
+
 # Recipes that need overrides on the default CNN -> MLP pair; each runs as its own sweep.
 PAIR_OVERRIDES = {
     "attention_map": ["loss.attention_map.student_taps=[last_stage]", "loss.attention_map.teacher_taps=[last_stage]"],
@@ -40,8 +42,7 @@ def loss_choice(job: Path) -> str:
 
 
 def fmt(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+    return spread(values)
 
 
 def table(sweeps: list[Path]) -> str:

@@ -31,7 +31,7 @@ def summary_json(status="completed", student=50.0, teacher=90.0, scratch=45.0, e
         "teacher": {"arch": "cnn", "params": 166250, "test_acc": teacher} if done else None,
         "scratch": {"test_acc": scratch} if done else None,
         "figures": {"gain": student - scratch} if done else None,
-        "wall_time_s": 2.0, "seed": 0, **({"published": published} if published else {}),
+        "wall_time_s": 2.0, "seed": 0, "dataset": {"name": "mnist1d"}, **({"published": published} if published else {}),
     }
 
 
@@ -131,8 +131,10 @@ def test_report_cli_compares_runs_side_by_side(tmp_path, capsys):
     table = out.read_text()
     assert table in printed
     lines = table.splitlines()
-    assert lines[0] == f"|  | {first.name} | {second.name} |"
+    assert lines[0] == "|  | run 1 | run 2 |"
+    assert f"- run 1: {first.name} (`{first}`)" in lines and f"- run 2: {second.name} (`{second}`)" in lines
     assert "| status | completed | failed |" in lines
+    assert "| dataset | mnist1d | mnist1d |" in lines and "| seed | 0 | 0 |" in lines
     assert "| student test acc % | 71.25 | - |" in lines
     assert "| gain (points) | +26.25 | - |" in lines
     assert "| error | - | alpha=1.5 is outside [0, 1] |" in lines

@@ -16,14 +16,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kdrun.reporting.sweep import Job, as_number, group_by, mean_std, swept_keys  # noqa: E402
+from kdrun.reporting.sweep import Job, Score, as_number, group_by, mean_std, score_of, swept_keys  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 CURVES_PER_PAGE = 12
 MAX_GRID = 12  # more distinct values than this: a search over an interval, not a grid
 MAX_LINES = 8
-TEST_LABELS = (("student", "student_acc"), ("scratch", "scratch_acc"), ("teacher", "teacher_acc"))
+TEST_ROLES = ("student", "scratch", "teacher")
 MODEL_STYLE = {"student": "tab:blue", "scratch": "tab:green", "teacher": "tab:red"}
 LEGEND_COLUMNS = 6
 
@@ -44,7 +44,9 @@ def _mean_of(jobs: list[Job], name: str) -> float | None:
 
 
 def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
-    keys = swept_keys(jobs)
+    """The student's test score (the task's selection metric) against T, one line per setting of the
+    other swept keys, mean ± std over seeds."""
+    keys, score = swept_keys(jobs), score_of(jobs)
     done = [job for job in jobs if job.status == "completed"]
     temperatures = _numeric_values(done, "T") if "T" in keys and done else None
     if not temperatures or len(temperatures) < 2:
@@ -60,7 +62,7 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
         for number, (values, members) in enumerate(series.items()):
             points = []
             for T_text, runs in group_by(members, ["T"]).items():
-                stats = mean_std([job.value("student_acc") for job in runs])
+                stats = mean_std([job.value("student") for job in runs])
                 points.append((as_number(T_text[0]), *stats))
             points.sort()
             # Each series is nudged sideways a little so that error bars do not hide each other.
@@ -69,9 +71,9 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
             xs = [x * 2 ** (nudge * 4) if log_scale else x + nudge * span for x, _, _ in points]
             ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points] if "seed" in keys else None,
                         marker="o", capsize=4, linewidth=1.5, label=_label(series_keys, values))
-    scratch = _mean_of(done, "scratch_acc")
+    scratch = _mean_of(done, "scratch")
     if scratch is not None:
-        ax.axhline(scratch, color="gray", linestyle="--", linewidth=1, label=f"scratch student ({scratch:.1f}%)")
+        ax.axhline(scratch, color="gray", linestyle="--", linewidth=1, label=f"scratch student ({scratch:.1f}{_unit(score)})")
     if log_scale:
         ax.set_xscale("log", base=2)
     if len(temperatures) <= MAX_GRID:
@@ -79,11 +81,11 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
         ax.set_xticklabels([f"{t:g}" for t in temperatures])
         ax.minorticks_off()
     seeds = f", mean ± std over {len(set(j.overrides.get('seed') for j in done))} seeds" if "seed" in keys else ""
-    teacher = _mean_of(done, "teacher_acc")
-    teacher_text = f"\nteacher test accuracy {teacher:.1f}%" if teacher is not None else ""
-    ax.set_title(f"Student test accuracy vs temperature{seeds}{teacher_text}", fontsize=11)
+    teacher = _mean_of(done, "teacher")
+    teacher_text = f"\nteacher test {score.label} {teacher:.1f}{_unit(score)}" if teacher is not None else ""
+    ax.set_title(f"Student test {score.label} vs temperature{seeds}{teacher_text}", fontsize=11)
     ax.set_xlabel("temperature T")
-    ax.set_ylabel("student test accuracy (%)")
+    ax.set_ylabel(_axis(score))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
@@ -91,7 +93,7 @@ def accuracy_vs_T(jobs: list[Job], path: Path) -> Path | None:
 
 def _scatter_trials(ax, fig, done: list[Job], series_keys: list[str]) -> None:
     xs = [as_number(job.overrides["T"]) for job in done]
-    ys = [job.value("student_acc") for job in done]
+    ys = [job.value("student") for job in done]
     colour_key = next((key for key in series_keys if _numeric_values(done, key)), None)
     if colour_key is None:
         ax.scatter(xs, ys, s=30, label="one point per job")
@@ -121,7 +123,7 @@ def heatmaps_T_alpha(jobs: list[Job], sweep_dir: Path) -> list[Path]:
         grid = [[math.nan] * len(temperatures) for _ in alphas]
         for (alpha_text, T_text), runs in group_by(members, ["alpha", "T"]).items():
             grid[alphas.index(as_number(alpha_text))][temperatures.index(as_number(T_text))] = mean_std(
-                [job.value("student_acc") for job in runs])[0]
+                [job.value("student") for job in runs])[0]
         fig, ax = plt.subplots(figsize=(1.3 * len(temperatures) + 3, 0.8 * len(alphas) + 2.2))
         image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
         finite = [v for row in grid for v in row if not math.isnan(v)]
@@ -137,15 +139,59 @@ def heatmaps_T_alpha(jobs: list[Job], sweep_dir: Path) -> list[Path]:
         ax.set_ylabel("alpha (KD weight)")
         suffix = f", {_label(other_keys, values)}" if other_keys else ""
         over = " over seeds" if "seed" in keys else ""
-        ax.set_title(f"Mean student test accuracy (%){over}{suffix}", fontsize=10)
-        fig.colorbar(image, ax=ax, label="student test accuracy (%)")
+        score = score_of(jobs)
+        ax.set_title(f"Mean {_axis(score)}{over}{suffix}", fontsize=10)
+        fig.colorbar(image, ax=ax, label=_axis(score))
         name = "heatmap_T_alpha" + ("_" + "_".join(f"{k}={v}" for k, v in zip(other_keys, values)) if other_keys else "")
         paths.append(_save(fig, sweep_dir / f"{_safe(name)}.png"))
     return paths
 
 
-def validation_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Validation accuracy per epoch of every model label in the run's metrics.jsonl."""
+def categorical_bars(jobs: list[Job], sweep_dir: Path) -> list[Path]:
+    """For each swept setting with non-numeric values (``loss=kd,dkd,dist``, ``strategy=...``,
+    ``student=...``): the student's mean test score per value, with error bars over seeds (the
+    other swept settings pooled), and the scratch baseline as a line."""
+    keys, score = swept_keys(jobs), score_of(jobs)
+    done = [job for job in jobs if job.status == "completed" and job.value("student") is not None]
+    paths = []
+    for key in keys:
+        if key == "seed" or not done or _numeric_values(done, key) is not None:
+            continue
+        groups = group_by(done, [key])
+        names = [values[0] for values in groups]
+        stats = [mean_std([job.value("student") for job in members]) for members in groups.values()]
+        seeds = len({job.overrides.get("seed") for job in done}) if "seed" in keys else 1
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(names) + 2), 4.2))
+        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[sd for _, sd in stats] if seeds > 1 else None,
+               capsize=4, color="tab:blue", alpha=0.85, label="student (distilled)")
+        scratch = _mean_of(done, "scratch")
+        if scratch is not None:
+            ax.axhline(scratch, color="gray", linestyle="--", linewidth=1, label=f"scratch student ({scratch:.1f}{_unit(score)})")
+        ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        low = min(m - sd for m, sd in stats)
+        high = max(m + sd for m, sd in stats)
+        pad = max(0.5, 0.15 * (high - low))
+        ax.set_ylim(min(low, scratch if scratch is not None else low) - pad, max(high, scratch if scratch is not None else high) + pad)
+        over = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
+        ax.set_title(f"Student test {score.label} by {key}{over}", fontsize=11)
+        ax.set_xlabel(key)
+        ax.set_ylabel(_axis(score))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        paths.append(_save(fig, sweep_dir / f"{_safe(f'{score.label}_by_{key}')}.png"))
+    return paths
+
+
+def _unit(score: Score) -> str:
+    return "%" if score.name == "acc" else ""
+
+
+def _axis(score: Score) -> str:
+    return f"student test {score.label}" + (" (%)" if score.name == "acc" else "")
+
+
+def validation_curves(run_dir: Path, metric: str = "acc") -> dict[str, list[tuple[int, float]]]:
+    """The validation ``metric`` per epoch of every model in the run's metrics.jsonl."""
     curves: dict[str, dict[int, float]] = {}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -155,8 +201,8 @@ def validation_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if row.get("split") == "val" and isinstance(row.get("acc"), (int, float)) and "epoch" in row:
-            curves.setdefault(str(row.get("model", "student")), {})[int(row["epoch"])] = float(row["acc"])
+        if row.get("split") == "val" and isinstance(row.get(metric), (int, float)) and "epoch" in row:
+            curves.setdefault(str(row.get("model", "student")), {})[int(row["epoch"])] = float(row[metric])
     return {model: sorted(points.items()) for model, points in curves.items()}
 
 
@@ -175,8 +221,8 @@ def _model_colours(models: list[str]) -> dict[str, str]:
 
 def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     """Small multiples, one panel per job, up to CURVES_PER_PAGE panels per PNG."""
-    keys = swept_keys(jobs)
-    with_curves = [(job, validation_curves(job.path)) for job in jobs]
+    keys, score = swept_keys(jobs), score_of(jobs)
+    with_curves = [(job, validation_curves(job.path, score.name)) for job in jobs]
     with_curves = [(job, curves) for job, curves in with_curves if curves]
     if not with_curves:
         log.info("learning curves skipped: no job has validation rows in metrics.jsonl")
@@ -197,9 +243,9 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
             title = f"#{job.number} " if job.number is not None else ""
             title += ", ".join(f"{k}={job.overrides.get(k, '')}" for k in keys) or job.name[:40]
             title += "" if job.status == "completed" else f" [{job.status}]"
-            tests = [(label, job.value(name)) for label, name in TEST_LABELS if job.value(name) is not None]
+            tests = [(role, job.value(role)) for role in TEST_ROLES if job.value(role) is not None]
             if tests:
-                title += "\ntest %: " + ", ".join(f"{label} {value:.1f}" for label, value in tests)
+                title += f"\ntest {score.unit}: " + ", ".join(f"{role} {value:.1f}" for role, value in tests)
             ax.set_title(title, fontsize=8.5)
             ax.grid(True, alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -207,7 +253,7 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
         for ax in axes.flat[len(page):]:
             ax.set_visible(False)
         for ax in axes[:, 0]:
-            ax.set_ylabel("val accuracy (%)", fontsize=9)
+            ax.set_ylabel(f"val {score.label}" + (" (%)" if score.name == "acc" else ""), fontsize=9)
         for ax in axes[-1, :]:
             ax.set_xlabel("epoch", fontsize=9)
         handles, labels = {}, []
@@ -218,7 +264,7 @@ def learning_curves(jobs: list[Job], sweep_dir: Path) -> list[Path]:
         fig.legend([handles[label] for label in labels], labels, loc="lower center", fontsize=8,
                    ncol=min(LEGEND_COLUMNS, len(labels)), frameon=False)
         page_text = f" (page {number} of {len(pages)})" if len(pages) > 1 else ""
-        fig.suptitle(f"Validation accuracy per epoch, one panel per job{page_text}", fontsize=11, x=0.01, ha="left")
+        fig.suptitle(f"Validation {score.label} per epoch, one panel per job{page_text}", fontsize=11, x=0.01, ha="left")
         fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.1) / height, 1, 1 - 0.3 / height))
         name = "learning_curves.png" if len(pages) == 1 else f"learning_curves_{number}.png"
         paths.append(_save(fig, sweep_dir / name, tight=False))
@@ -240,8 +286,9 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
 def plot_sweep(jobs: list[Job], sweep_dir: Path) -> list[Path]:
     """Every plot that makes sense for this sweep; returns the files written."""
     written = []
-    acc_path = accuracy_vs_T(jobs, sweep_dir / "accuracy_vs_T.png")
+    acc_path = accuracy_vs_T(jobs, sweep_dir / f"{score_of(jobs).label}_vs_T.png")
     written += [acc_path] if acc_path else []
     written += heatmaps_T_alpha(jobs, sweep_dir)
+    written += categorical_bars(jobs, sweep_dir)
     written += learning_curves(jobs, sweep_dir)
     return written

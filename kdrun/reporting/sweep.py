@@ -17,11 +17,45 @@ from typing import Any
 
 import yaml
 
-ACCURACIES = ("teacher_acc", "student_acc", "scratch_acc", "gain")
-CSV_FIELDS = (
-    "status", "error", "teacher_acc", "student_acc", "scratch_acc", "gain", "student_params", "wall_time_s",
-    "published_method_acc",
-)
+# The figures every table shows: the task's selection metric (test accuracy, test perplexity, ...)
+# of teacher, student and scratch baseline, and the gain of distillation (positive = it helped).
+SCORES = ("teacher", "student", "scratch", "gain")
+
+
+@dataclass(frozen=True)
+class Score:
+    """The metric a sweep's tables and plots show: the jobs' task selection metric."""
+
+    name: str = "acc"
+    title: str = "acc %"
+    higher_is_better: bool = True
+
+    @property
+    def unit(self) -> str:
+        return "%" if self.name == "acc" else self.name
+
+    @property
+    def gain_unit(self) -> str:
+        return "points" if self.name == "acc" else self.name
+
+    @property
+    def label(self) -> str:
+        return "accuracy" if self.name == "acc" else self.name
+
+
+def score_of(jobs: list[Job]) -> Score:
+    """The selection metric recorded in the first job's summary (accuracy for runs from before tasks)."""
+    for job in jobs:
+        task = job.summary.get("task")
+        if task:
+            metric = task["metrics"][task["select"]]
+            return Score(task["select"], metric.get("title", task["select"]), bool(metric.get("higher_is_better", True)))
+    return Score()
+
+
+def csv_fields(score: Score) -> tuple[str, ...]:
+    return ("status", "error", *(f"{role}_{score.name}" for role in SCORES[:3]), "gain", "student_params", "wall_time_s",
+            "published_method_acc")
 
 
 @dataclass
@@ -57,14 +91,17 @@ class Job:
     def _section(self, name: str) -> dict[str, Any]:
         return self.summary.get(name) or {}
 
+    @property
+    def metric(self) -> str:
+        return (self.summary.get("task") or {}).get("select", "acc")
+
     def value(self, name: str) -> Any:
-        """A reported number by its column name (None when the job did not produce it)."""
-        if name == "teacher_acc":
-            return self._section("teacher").get("test_acc")
-        if name == "student_acc":
-            return self._section("student").get("test_acc")
-        if name == "scratch_acc":
-            return self._section("scratch").get("test_acc")
+        """A reported number by its column name (None when the job did not produce it): ``teacher``,
+        ``student``, ``scratch`` are the test value of the task's selection metric (also as
+        ``student_acc``, ``student_ppl``, ...)."""
+        role, _, metric = name.partition("_")
+        if role in ("teacher", "student", "scratch") and metric in ("", self.metric):
+            return self._section(role).get(f"test_{self.metric}")
         if name == "gain":
             return self._section("figures").get("gain")
         if name == "student_params":
@@ -137,12 +174,12 @@ def common_overrides(jobs: list[Job]) -> dict[str, str]:
 
 
 def write_csv(jobs: list[Job], path: str | Path) -> Path:
-    keys = swept_keys(jobs)
+    keys, fields = swept_keys(jobs), csv_fields(score_of(jobs))
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", *keys, *CSV_FIELDS])
+        writer.writerow(["job", *keys, *fields])
         for job in jobs:
-            cells = [round(v, 4) if isinstance(v, float) else v for v in (job.value(name) for name in CSV_FIELDS)]
+            cells = [round(v, 4) if isinstance(v, float) else v for v in (job.value(name) for name in fields)]
             writer.writerow([job.name, *(job.overrides.get(k, "") for k in keys), *("" if c is None else c for c in cells)])
     return Path(path)
 
@@ -173,7 +210,7 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _spread(values: list[float], signed: bool = False) -> str:
+def spread(values: list[float], signed: bool = False) -> str:
     stats = mean_std(values)
     if stats is None:
         return "-"
@@ -188,7 +225,8 @@ def group_by(jobs: list[Job], keys: list[str]) -> dict[tuple[str, ...], list[Job
     return dict(sorted(groups.items(), key=lambda item: [_sort_key(v) for v in item[0]]))
 
 
-ACC_HEADERS = ["teacher %", "student %", "scratch %", "gain (points)"]
+def score_headers(score: Score) -> list[str]:
+    return [f"{role} {score.unit}" for role in SCORES[:3]] + [f"gain ({score.gain_unit})"]
 
 
 def _short(text: str) -> str:
@@ -198,13 +236,13 @@ def _short(text: str) -> str:
 
 
 def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
-    header = ["job", *keys, "status", *ACC_HEADERS, "student params", "wall time (s)"]
+    header = ["job", *keys, "status", *score_headers(score_of(jobs)), "student params", "wall time (s)"]
     published = any(job.value("published_method_acc") is not None for job in jobs)
     header += ["published %"] if published else []
     rows = []
     for job in jobs:
         row = [str(job.number) if job.number is not None else job.name, *(_short(job.overrides.get(k, "")) for k in keys), job.status]
-        row += [_cell(job.value(name), "{:+.2f}" if name == "gain" else "{:.2f}") for name in ACCURACIES]
+        row += [_cell(job.value(name), "{:+.2f}" if name == "gain" else "{:.2f}") for name in SCORES]
         row += [_cell(job.value("student_params"), "{:,}"), _cell(job.value("wall_time_s"), "{:.1f}")]
         row += [_cell(job.value("published_method_acc"))] if published else []
         rows.append(row)
@@ -213,15 +251,15 @@ def _per_job_table(jobs: list[Job], keys: list[str]) -> str:
 
 def _seed_table(jobs: list[Job], keys: list[str]) -> str:
     """One row per setting of the other swept keys: mean ± std over the seeds that completed."""
-    header = [*keys, "seeds (done/all)", *ACC_HEADERS, "student params", "wall time (s)"]
+    header = [*keys, "seeds (done/all)", *score_headers(score_of(jobs)), "student params", "wall time (s)"]
     published = any(job.value("published_method_acc") is not None for job in jobs)
     header += ["published %"] if published else []
     rows = []
     for values, members in group_by(jobs, keys).items():
         done = [job for job in members if job.status == "completed"]
         row = [*map(_short, values), f"{len(done)}/{len(members)}"]
-        for name in ACCURACIES:
-            row.append(_spread([job.value(name) for job in done if job.value(name) is not None], signed=name == "gain"))
+        for name in SCORES:
+            row.append(spread([job.value(name) for job in done if job.value(name) is not None], signed=name == "gain"))
         params = {job.value("student_params") for job in done} - {None}
         row.append(_cell(params.pop(), "{:,}") if len(params) == 1 else "-")
         row.append(_cell(statistics.mean(job.value("wall_time_s") for job in done), "{:.1f}") if done else "-")
@@ -243,7 +281,12 @@ def summary_markdown(jobs: list[Job], title: str) -> str:
     recipes = {job.summary.get("recipe") for job in jobs} - {None}
     if len(recipes) == 1:
         lines.append(f"Recipe: `{recipes.pop()}`.")
-    lines += ["", "Accuracies are top-1 test accuracy in percent; gain = student (KD) - student trained from scratch."]
+    score = score_of(jobs)
+    if score.name == "acc":
+        lines += ["", "Accuracies are top-1 test accuracy in percent; gain = student (KD) - student trained from scratch."]
+    else:
+        better = "higher" if score.higher_is_better else "lower"
+        lines += ["", f"Figures are test {score.title} ({better} is better); gain is positive where distillation helped."]
     if "seed" in keys:
         others = [key for key in keys if key != "seed"]
         lines += ["Mean ± std over seeds (completed jobs only).", "", _seed_table(jobs, others)]
@@ -259,30 +302,42 @@ def summary_markdown(jobs: list[Job], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMPARISON_FIELDS = [
-    ("status", "status", None),
-    ("strategy", "strategy", None),
-    ("recipe", "recipe", None),
-    ("teacher test acc %", "teacher_acc", "{:.2f}"),
-    ("student test acc %", "student_acc", "{:.2f}"),
-    ("scratch test acc %", "scratch_acc", "{:.2f}"),
-    ("gain (points)", "gain", "{:+.2f}"),
-    ("student params", "student_params", "{:,}"),
-    ("wall time (s)", "wall_time_s", "{:.1f}"),
-    ("published method acc %", "published_method_acc", "{:.2f}"),
-]
+def _setting(job: Job, name: str) -> Any:
+    """What a run was: its dataset, models and seed, as comparisons show them."""
+    if name == "dataset":
+        return (job.summary.get("dataset") or {}).get("name")
+    if name in ("teacher_arch", "student_arch"):
+        return job._section(name.split("_")[0]).get("arch")
+    return job.summary.get(name)
+
+
+SETTING_FIELDS = [("dataset", "dataset"), ("teacher", "teacher_arch"), ("student", "student_arch"),
+                  ("strategy", "strategy"), ("recipe", "recipe"), ("seed", "seed")]
+
+
+def comparison_fields(score: Score) -> list[tuple[str, str, str | None]]:
+    return [
+        ("status", "status", None),
+        *((f"{role} test {score.title}", role, "{:.2f}") for role in SCORES[:3]),
+        (f"gain ({score.gain_unit})", "gain", "{:+.2f}"),
+        ("student params", "student_params", "{:,}"),
+        ("wall time (s)", "wall_time_s", "{:.1f}"),
+        ("published method acc %", "published_method_acc", "{:.2f}"),
+    ]
 
 
 def comparison_markdown(jobs: list[Job]) -> str:
-    """Runs side by side: one column per run, one row per field; the runs' paths below."""
-    names = [job.name if len(job.name) <= 40 else job.name[:38] + "…" for job in jobs]
-    rows = []
-    for label, name, pattern in COMPARISON_FIELDS:
+    """Runs side by side: one column per run (numbered), one row per setting (dataset, models,
+    recipe, seed) and figure; each run's full name and path below."""
+    rows = [[label, *(_cell(None if _setting(job, name) is None else str(_setting(job, name))) for job in jobs)]
+            for label, name in SETTING_FIELDS]
+    for label, name, pattern in comparison_fields(score_of(jobs)):
         cells = [job.value(name) for job in jobs]
         if name == "published_method_acc" and all(c is None for c in cells):
             continue
         rows.append([label, *(_cell(c, pattern) if pattern else _cell(c) for c in cells)])
     if any(job.error for job in jobs):
         rows.append(["error", *(_cell(job.error) for job in jobs)])
-    paths = "\n".join(f"- {name}: `{job.path}`" for name, job in zip(names, jobs))
-    return markdown_table(["", *names], rows) + "\n\nRuns:\n\n" + paths + "\n"
+    header = ["", *(f"run {i}" for i in range(1, len(jobs) + 1))]
+    paths = "\n".join(f"- run {i}: {job.name} (`{job.path}`)" for i, job in enumerate(jobs, start=1))
+    return markdown_table(header, rows) + "\n\nRuns:\n\n" + paths + "\n"
