@@ -14,9 +14,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from kdrun import console
+from kdrun import console, preflight
 from kdrun.config import metric_value, register_resolvers, suggest_key
-from kdrun.errors import Interrupted, KdrunError
+from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 log = logging.getLogger("kdrun")
 register_resolvers()  # before Hydra composes: conf/ uses them
@@ -55,6 +55,8 @@ class _StderrGate(io.TextIOBase):
 
 
 _failures: list[int] = []
+# Errors of bad input met by jobs of this multirun so far.
+_refusals: set[str] = set()
 
 
 def _launch_env():
@@ -119,9 +121,18 @@ def _app(cfg: DictConfig) -> float | None:
         summary = run(cfg)
     except KdrunError as err:
         log.debug("kdrun error", exc_info=True)
+        refused = isinstance(err, ConfigError)
+        if multirun and refused and str(err) in _refusals:
+            # Every job so far met the same bad input: the others would too.
+            sys.stderr.write("kdrun: error: the next job failed with the same error; stopping the sweep\n")
+            sys.exit(err.exit_code)
         log.error("kdrun: error: %s", err)
+        if refused:
+            _refusals.add(str(err))
         # A stop request (Ctrl-C, a scheduler's SIGTERM) ends the whole sweep, not just this job.
         if not multirun or isinstance(err, Interrupted):
+            if refused and not multirun:
+                preflight.forget_new_run_dir()
             sys.exit(err.exit_code)
         _failures.append(err.exit_code)
         return None

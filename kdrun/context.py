@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from kdrun.engine.perf import Perf
 from kdrun.reporting.metrics import MetricsLog
 from kdrun.tasks import Task
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RunContext:
@@ -26,6 +29,13 @@ class RunContext:
     device: torch.device
     metrics: MetricsLog
     perf: Perf = field(default_factory=Perf)
+    warned: set[str] = field(default_factory=set)
+
+    def warn_once(self, message: str) -> None:
+        """A warning printed once per run (a multi-stage strategy meets the same setting in every stage)."""
+        if message not in self.warned:
+            self.warned.add(message)
+            log.warning("%s", message)
 
     def build_model(self, model_cfg: DictConfig, seed: int | None = None) -> nn.Module:
         """Build seeded with ``cfg.seed`` (or ``seed``), so the distilled and the scratch

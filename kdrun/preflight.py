@@ -10,7 +10,9 @@ a multirun every job's config, each distinct error printed once.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,8 +49,24 @@ def check_writable(path: Path, key: str) -> None:
         raise ConfigError(f"{key}={path}: {probe} is not writable; choose a writable {key} (e.g. under your home)")
 
 
+# The run directory this command is about to create (None when it existed already, or for a resume).
+NEW_RUN_DIR: Path | None = None
+
+
+def forget_new_run_dir() -> None:
+    """A run refused after Hydra made its directory (bad input found only once the data or the
+    models were built) leaves nothing behind: the directory this command created goes, unless it
+    already holds checkpoints."""
+    global NEW_RUN_DIR
+    if NEW_RUN_DIR is not None and NEW_RUN_DIR.is_dir() and not any((NEW_RUN_DIR / "checkpoints").glob("**/*.pt")):
+        logging.shutdown()  # the log file handler holds kdrun.log open
+        shutil.rmtree(NEW_RUN_DIR, ignore_errors=True)
+    NEW_RUN_DIR = None
+
+
 def check_run(config: DictConfig) -> None:
-    """A single run (or one job of a multirun, with ``dir_key`` its directory)."""
+    """A single run: its config, its directory, or the run it resumes."""
+    global NEW_RUN_DIR
     cfg = job_config(config)
     if cfg.get("resume"):
         from kdrun.resume import saved_config
@@ -66,6 +84,7 @@ def check_run(config: DictConfig) -> None:
             f"{run_dir} already holds a run; carry it on with resume={run_dir} or choose another hydra.run.dir"
         )
     check_writable(run_dir, "hydra.run.dir")
+    NEW_RUN_DIR = None if run_dir.exists() else run_dir
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:

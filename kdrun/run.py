@@ -28,7 +28,7 @@ from kdrun.engine import perf as fast_paths
 from kdrun.engine.loop import Placement
 from kdrun.engine.stats import STOP
 from kdrun.errors import ConfigError, Interrupted, KdrunError
-from kdrun.losses.recipe import recipe_from
+from kdrun.losses.recipe import KNOBS, recipe_from
 from kdrun.provision import provision
 from kdrun.reporting import summary as reporting
 from kdrun.reporting.metrics import MetricsLog
@@ -166,6 +166,8 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -
         **reporting.strategy_sections(result, ctx.task),
         **reporting.recipe_sections(result.recipe, ctx.metrics.rows(), result.student.name),
     }
+    if ctx.data.val_is_test:
+        reporting.name_test_selection(sections, ctx.task)
     if cfg.get("published"):
         sections["published"] = OmegaConf.to_container(cfg.published, resolve=True)
     probe = Placement(ctx.task, ctx.device)(next(iter(ctx.data.test))).head(SPEED_BATCH)
@@ -210,10 +212,26 @@ def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> tuple[Ru
         recipe = recipe_from(cfg)
         check_recipe_fits(strategy, recipe)
         log.info("Recipe: %s", recipe)
+        for knob in unused_knobs(cfg, recipe):
+            log.warning("%s=%s has no effect: the recipe (%s) does not use it", knob, cfg[knob], recipe)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, task=task, device=device,
                      metrics=MetricsLog.for_run(run_dir, cfg.get("logger")), perf=perf)
     distributed.barrier()  # the other ranks have read metrics.jsonl (resume) before rank 0 appends
     return ctx, strategy
+
+
+def unused_knobs(cfg: DictConfig, recipe) -> list[str]:
+    """The knobs (T, alpha) the user set, on the command line or with a schedule, that no weight or
+    setting of the recipe follows."""
+    given = set()
+    if HydraConfig.initialized():
+        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    unused = []
+    for knob in KNOBS:
+        set_by_user = knob in given or any(key.startswith(f"schedule.{knob}.") for key in given)
+        if set_by_user and knob not in recipe.knobs.used:
+            unused.append(knob)
+    return unused
 
 
 def scratch_enabled(setting, embedded: bool) -> bool:

@@ -129,3 +129,9 @@ def test_sigterm_stops_a_whole_sweep_not_just_one_job(tmp_path):
     assert returncode == 130, rest
     jobs = sorted(p for p in (tmp_path / "outputs" / "sweeps").glob("*/*") if p.is_dir())
     assert len(jobs) == 1 and read_summary(jobs[0])["status"] == "interrupted"
+    # The job carries on with the command it printed, as printed (its directory name needs no quoting).
+    printed = next(line for line in rest.splitlines() if "carry on with: kdrun resume=" in line)
+    assert printed.endswith(f"kdrun resume={jobs[0].resolve()}") or printed.endswith(f"kdrun resume={jobs[0]}")
+    resumed = kdrun_cli(printed.split("carry on with: kdrun ", 1)[1], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_summary(jobs[0])["status"] == "completed"

@@ -176,6 +176,7 @@ def test_resume_inside_a_multi_stage_run_starts_in_the_stopped_generation(tmp_pa
     returncode, rest = sigterm_when_logged("generation 2/3 epoch 3/8", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert returncode == 130, rest
     assert read_summary(run_dir)["status"] == "interrupted"
+    assert f"{run_dir / 'checkpoints' / 'gen2' / 'last.pt'} holds epoch" in rest  # the stage's own file
     assert (run_dir / "checkpoints" / "gen1" / "final.pt").is_file()
     assert not (run_dir / "checkpoints" / "gen2" / "final.pt").exists()
 

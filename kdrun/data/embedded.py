@@ -65,21 +65,50 @@ def mnist1d(
     ``max_shift``/``noise`` > 0 augment the training signals (see :class:`SignalAugment`).
     """
     path = Path(os.path.expanduser(cache_dir)) / f"mnist1d_n{num_samples}_split{train_split}_seed{seed}.npz"
-    if not path.exists():
-        from mnist1d.data import get_dataset_args, make_dataset
+    arrays = _read_cached(path)
+    if arrays is None:
+        arrays = _generate(path, num_samples, train_split, seed)
+    # (N, 40) signals become (N, 1, 40): one channel, so 1-D convolutions apply directly.
+    augment = SignalAugment(max_shift, noise) if max_shift or noise else None
+    return _tensor_splits(arrays["x"][:, None, :], arrays["y"], arrays["x_test"][:, None, :], arrays["y_test"], 10, augment)
 
-        args = get_dataset_args()
-        args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
-        log.info("Generating MNIST-1D (%d samples) into %s", num_samples, path)
-        data = make_dataset(args)
+
+MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+
+
+def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays; None when there are none, or when the file cannot be read (a cut-short
+    write, a stray file): it is then moved aside and the data generated again."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            return {name: data[name] for name in MNIST1D_ARRAYS}
+    except Exception as err:  # noqa: BLE001 - np.load raises many kinds on a damaged file; all mean "regenerate"
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)
+        log.warning("Cached MNIST-1D file %s could not be read (%s: %s); moved it to %s and generating the data again",
+                    path, type(err).__name__, err, aside)
+        return None
+
+
+def _generate(path: Path, num_samples: int, train_split: float, seed: int) -> dict[str, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+    log.info("Generating MNIST-1D (%d samples) into %s", num_samples, path)
+    data = make_dataset(args)
+    arrays = {name: data[name] for name in MNIST1D_ARRAYS}
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"])
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
-    with np.load(path) as data:
-        # (N, 40) signals become (N, 1, 40): one channel, so 1-D convolutions apply directly.
-        augment = SignalAugment(max_shift, noise) if max_shift or noise else None
-        return _tensor_splits(data["x"][:, None, :], data["y"], data["x_test"][:, None, :], data["y_test"], 10, augment)
+    except OSError as err:
+        log.warning("Could not cache MNIST-1D in %s (%s); it will be generated again next time. "
+                    "Set paths.cache to a writable directory to keep it", path.parent, err.strerror or err)
+    return arrays
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Splits:

@@ -29,6 +29,23 @@ _HOW_TO_GET = (
 )
 
 
+def download_urls(dataset_class: type) -> str:
+    """Where torchvision would download ``dataset_class`` from (its class attributes say)."""
+    if getattr(dataset_class, "url", None):
+        return dataset_class.url
+    if getattr(dataset_class, "mirrors", None):
+        files = ", ".join(name for name, _ in dataset_class.resources)
+        return f"{dataset_class.mirrors[0]} ({files})"
+    if getattr(dataset_class, "split_list", None):
+        return ", ".join(entry[0] for split, entry in dataset_class.split_list.items() if split != "extra")
+    return "its project page"
+
+
+def how_to_get(source: _Source, root: str) -> str:
+    return (f"Get it from {download_urls(source.dataset_class)}, put the files under {root} (expected {source.expected}), "
+            "or run once with dataset.download=true where a network is available; dataset.root=... points elsewhere")
+
+
 @dataclass(frozen=True)
 class _Source:
     dataset_class: type
@@ -84,7 +101,7 @@ def _load(name: str, path: str, expected: str, make: Callable[[], Dataset], down
                 f"Copy the files there (expected {expected}) and set dataset.root=..."
             ) from err
         if isinstance(err, (RuntimeError, OSError)):
-            raise DataError(f"{name} not found (or corrupt) in {path} (expected {expected}). {how_to_get}") from err
+            raise DataError(f"{name} not found (or corrupt) in {path}. {how_to_get}") from err
         raise
 
 
@@ -106,7 +123,7 @@ def _standard(name: str, root: str, download: bool, augment: bool) -> Splits:
 
     def load(split: dict) -> Dataset:
         make = partial(source.dataset_class, root, transform=eval_tf, download=download, **split)
-        return _load(name, root, source.expected, make, download)
+        return _load(name, root, source.expected, make, download, how_to_get(source, root))
 
     train_eval, test = (load(split) for split in source.split_kwargs)
     shape = (len(source.mean), source.size, source.size)
@@ -159,8 +176,8 @@ def imagefolder(root: str, image_size: int = 224, augment: bool = True, train_di
     def load(split_dir: str) -> Dataset:
         path = os.path.join(root, split_dir)
         make = partial(datasets.ImageFolder, path, transform=eval_tf)
-        how_to_get = "Copy the class folders there or set dataset.root=..."
-        return _load("imagefolder", path, "one folder of images per class", make, how_to_get=how_to_get)
+        return _load("imagefolder", path, "one folder of images per class", make,
+                     how_to_get=f"Put one folder of images per class under {path}, or set dataset.root=...")
 
     train_eval, test = load(train_dir), load(test_dir)
     if test.classes != train_eval.classes:

@@ -102,6 +102,11 @@ class Term(nn.Module):
     def describe(self) -> str:
         return self.symbol
 
+    def data_warning(self, name: str, train_samples: int) -> str | None:
+        """A setting of this term (configured as ``loss.<name>``) that the data makes pointless or
+        clips, e.g. more negatives than training samples; None when all is well."""
+        return None
+
     def setup(self, probe: StepOutputs) -> None:
         """Build adapters from the shapes in ``probe``; most terms have none."""
 

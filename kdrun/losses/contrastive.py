@@ -245,6 +245,14 @@ class CRD(Term):
         loss = ",infonce" if self.objective == "infonce" else ""
         return f"CRD({kind},k={self.nce_k},T={self.nce_t:g}{loss})"
 
+    def data_warning(self, name: str, train_samples: int) -> str | None:
+        rows = train_samples if isinstance(self.memory, SampleBank) else min(train_samples, len(self.memory))
+        if self.nce_k < rows:
+            return None
+        return (f"loss.{name}.nce_k={self.nce_k} is not below the {rows} samples the memory holds, so each anchor's "
+                f"negatives repeat samples (drawn with replacement); a smaller nce_k (e.g. {max(1, rows // 4)}) "
+                "contrasts as many distinct samples for less time")
+
     def setup(self, probe: StepOutputs) -> None:
         # Linear heads to feat_dim (RepDistiller's ``Embed``); maps are flattened first.
         student = probe.student_features[self.student_taps[0]]

@@ -71,6 +71,11 @@ class WeightedSum(nn.Module):
         for term in self.terms.values():
             term.setup(probe)
 
+    def data_warnings(self, train_samples: int) -> list[str]:
+        """Settings of the terms that the training data makes pointless or clips (see :meth:`Term.data_warning`)."""
+        found = (term.data_warning(name, train_samples) for name, term in self.terms.items())
+        return [warning for warning in found if warning]
+
     def forward(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         active = [name for name in self.terms if self.active(name, outputs.progress)]
         parts = {f"loss/{name}": self.terms[name](outputs) for name in active}
