@@ -215,9 +215,10 @@ class SyncGuard:
 @pytest.fixture
 def sync_guard(monkeypatch):
     guard = SyncGuard(monkeypatch)
+    probe = torch.zeros(1, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
     with pytest.raises(RuntimeError, match="synchroniz"):  # the mode does catch a sync on this build
-        torch.zeros(1, device="cuda").item()
+        probe.item()
     torch.cuda.set_sync_debug_mode(0)
     try:
         yield guard
