@@ -8,7 +8,8 @@
 #
 # --budget (default 450) bounds the whole kit, install included: a step that would run past it is
 # cut short or skipped, and the report says so; the report is always written. --quick: the bench's
-# smoke mode. --no-install: use the Python already active (a re-run after a first install).
+# smoke mode. --no-install: no pip (a re-run after a first install): .venv if there is one, else the
+# Python on PATH.
 # On a machine without a GPU it says so and exits 0 before installing anything.
 # Exit status: 0 when every step passed, 1 otherwise, 2 for bad arguments.
 set -uo pipefail
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --no-install) INSTALL=0 ;;
     --budget) BUDGET="${2:-}"; shift ;;
     --out) OUT="${2:-}"; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: error: unknown argument $1 (allowed: --quick, --budget SECONDS, --out DIR, --no-install)" >&2; exit 2 ;;
   esac
   shift
@@ -82,9 +83,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 if [ "$INSTALL" -eq 1 ]; then
   # README, command 1 (the peers extra adds torchdistill for bench.py --peers).
   step install 300 bash -c "{ [ -x .venv/bin/python ] || python3 -m venv .venv; } && . .venv/bin/activate && pip install -e '.[test,peers]'"
-  # shellcheck disable=SC1091
-  [ -f .venv/bin/activate ] && . .venv/bin/activate
 fi
+# shellcheck disable=SC1091
+[ -f .venv/bin/activate ] && . .venv/bin/activate
 step torch_sees_the_gpu 60 python -c "import torch; assert torch.cuda.is_available(), 'nvidia-smi lists a GPU but torch ' + torch.__version__ + ' has no CUDA (a CPU-only wheel, or a driver too old for it?)'; print(torch.cuda.get_device_name(0))"
 
 BENCH=(--peers)
