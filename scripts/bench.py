@@ -8,7 +8,9 @@ For one teacher, student and dataset (kdrun overrides on the command line):
     models, loss and batches, its batches already on the device (goal >= 0.95);
 (c) samples/s and peak memory (building the data and models plus a one-epoch warm-up fit)
     with each fast-path switch (``perf.*``) on and off;
-(d) end-to-end wall time of the default job (``kdrun`` in a subprocess), warm and cold cache.
+(d) end-to-end wall time of the default job (``kdrun`` in a subprocess), warm and cold cache;
+(e) with ``--peers``: kdrun training throughput / that of torchdistill's own training path on the
+    same models, loss, optimizer and batches (see ``bench_peers.py``; ``pip install -e '.[peers]'``).
 
 kdrun's step is timed through ``kdrun.engine.loop.fit`` itself (whole epochs, a one-batch
 validation set so evaluation is negligible); the hand-written loops run over the batches
@@ -16,7 +18,7 @@ kdrun's own loader yields, held on the device. Every figure is a median over rep
 a warm-up, the repeats of the compared variants taken in turns (so load drifts hit all
 alike); CUDA is synchronised around each timing.
 
-Usage: ``python scripts/bench.py [--preset cifar] [--quick] [kdrun overrides ...]``
+Usage: ``python scripts/bench.py [--preset cifar] [--quick] [--peers] [kdrun overrides ...]``
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bench_peers
 from kdrun import teacher_cache
 from kdrun.config import register_resolvers
 from kdrun.data import build as build_data
@@ -140,11 +143,12 @@ class Setup:
         self.dtype = amp_dtype(device, bool(cfg.amp))
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of kdrun's training batches, on the device."""
+        """One epoch of kdrun's training batches, on the device, in the memory format kdrun gives them."""
         loader = self.data.train
         if loader.generator is not None:
             loader.generator.manual_seed(0)
-        return [(b[0].to(self.device), b[1].to(self.device)) for b in loader]
+        layout = self.perf.memory_format([self.student, self.teacher], self.data.input_shape) or torch.contiguous_format
+        return [(b[0].to(self.device).contiguous(memory_format=layout), b[1].to(self.device)) for b in loader]
 
     def optimizer(self, params):
         return self.spec.optimizer(params=params, **self.perf.optimizer_kwargs(self.spec.optimizer))
@@ -210,22 +214,27 @@ def hand_runners(setup: Setup, epochs: int) -> dict[str, Callable[[], float]]:
         scaler.step(optimizer)
         scaler.update()
 
-    def runner(step) -> Callable[[], float]:
-        def run() -> float:
-            student.train()
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(epochs):
-                for x, y in batches:
-                    step(x, y)
-            sync(device)
-            return (time.perf_counter() - start) / (epochs * len(batches))
+    return {name: timed(step, batches, device, epochs, before=student.train)
+            for name, step in (("student_ce_step_s", ce_step), ("teacher_forward_s", teacher_forward),
+                               ("hand_kd_step_s", kd_step))}
 
-        step(*batches[0])  # warm-up
-        return run
 
-    return {"student_ce_step_s": runner(ce_step), "teacher_forward_s": runner(teacher_forward),
-            "hand_kd_step_s": runner(kd_step)}
+def timed(step, batches, device: torch.device, epochs: int, before: Callable[[], object]) -> Callable[[], float]:
+    """One timed repeat of ``step(inputs, labels)`` over ``batches`` for ``epochs`` epochs, after
+    ``before()``: seconds per step. Making it runs one warm-up step."""
+
+    def run() -> float:
+        before()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for x, y in batches:
+                step(x, y)
+        sync(device)
+        return (time.perf_counter() - start) / (epochs * len(batches))
+
+    step(*batches[0])
+    return run
 
 
 def interleaved(runners: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -272,11 +281,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed repeats (median)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end kdrun runs")
+    parser.add_argument("--peers", action="store_true", help="also time torchdistill's KD step (pip install -e '.[peers]')")
     parser.add_argument("--switches", nargs="+", choices=SWITCHES,
                         help="switches to time on and off (default: each one that acts on this device; --quick leaves "
                              "out compile)")
     parser.add_argument("--out", default="outputs/bench/bench.json")
     args = parser.parse_args()
+    if args.peers and bench_peers.unavailable():
+        parser.exit(2, f"bench: error: {bench_peers.unavailable()}\n")
 
     from kdrun.config import resolve_device
 
@@ -310,8 +322,9 @@ def main() -> None:
         results["perf"] = setup.perf.notes
         results["steps_per_epoch"] = len(setup.data.train)
         results["batch_size"] = int(setup.cfg.dataset.batch_size)
+        peers = bench_peers.runners(setup, epochs, timed) if args.peers else {}
         results.update(interleaved(
-            {"kdrun_step_s": kdrun_default, "kdrun_step_s_no_cache": kdrun_no_cache, **hand_runners(setup, epochs)},
+            {"kdrun_step_s": kdrun_default, "kdrun_step_s_no_cache": kdrun_no_cache, **hand_runners(setup, epochs), **peers},
             repeats,
         ))
         floor = results["student_ce_step_s"] + results["teacher_forward_s"]
@@ -319,6 +332,8 @@ def main() -> None:
         results["kd_overhead_ratio_no_cache"] = results["kdrun_step_s_no_cache"] / floor
         results["throughput_vs_hand_loop"] = results["hand_kd_step_s"] / results["kdrun_step_s"]
         results["throughput_vs_hand_loop_no_cache"] = results["hand_kd_step_s"] / results["kdrun_step_s_no_cache"]
+        if args.peers:
+            results.update(bench_peers.ratios(results))
 
         batch = results["batch_size"]
         results["switches"] = {}
@@ -362,8 +377,10 @@ def table(r: dict) -> str:
         f"| (a) KD overhead ratio, defaults | {r['kd_overhead_ratio']:.3f} | <= 1.05 |",
         f"| (a) KD overhead ratio, teacher cache off | {r['kd_overhead_ratio_no_cache']:.3f} | <= 1.05 |",
         f"| (b) throughput / hand-written loop, defaults | {r['throughput_vs_hand_loop']:.3f} | >= 0.95 |",
-        f"| (b) throughput / hand-written loop, teacher cache off | {r['throughput_vs_hand_loop_no_cache']:.3f} | >= 0.95 |",
+        f"| (b) throughput / hand-written loop, teacher cache off (like for like) | {r['throughput_vs_hand_loop_no_cache']:.3f} | >= 0.95 |",
     ]
+    if "torchdistill_kd_step_s" in r:
+        lines += bench_peers.rows(r)
     if "e2e_warm_s" in r:
         lines += [
             f"| (d) default job end to end, warm cache | {r['e2e_warm_s']:.1f} s | |",
