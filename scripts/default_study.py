@@ -86,7 +86,7 @@ def table(factor: str, sweep: Path) -> tuple[str, list[tuple[str, float, float]]
 def plot(groups: dict[str, list[tuple[str, float, float]]]) -> None:
     labels, means, errors, colours = [], [], [], []
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (factor, bars) in enumerate(groups.items()):
+    for i, bars in enumerate(groups.values()):
         for label, mean, error in bars:
             labels.append(label)
             means.append(mean)
