@@ -119,12 +119,18 @@ def test_wandb_offline_run_directory_holds_config_curves_figures_and_the_student
     assert ended.exit_code == 0
 
 
+def sweep_with(logger: str, tmp_path: Path) -> Path:
+    """Two jobs (T=2 and T=4) from the command line, tracked by ``logger``; the sweep directory."""
+    pytest.importorskip(logger, reason=f"logger={logger} needs the track extra: pip install -e '.[track]'")
+    sweep = tmp_path / "sweep"
+    done = kdrun_cli("-m", *SHORT, f"logger={logger}", "T=2,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sweep
+
+
 @pytest.mark.slow
 def test_mlflow_sweep_is_a_parent_run_with_a_child_per_job_and_the_report(tmp_path):
-    pytest.importorskip("mlflow", reason="logger=mlflow needs the track extra: pip install -e '.[track]'")
-    sweep = tmp_path / "sweep"
-    done = kdrun_cli("-m", *SHORT, "logger=mlflow", "T=2,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    sweep = sweep_with("mlflow", tmp_path)
     client = mlflow_client(sweep)
     runs = client.search_runs([client.get_experiment_by_name("kdrun").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("kdrun.role") == "sweep"]
@@ -139,10 +145,7 @@ def test_mlflow_sweep_is_a_parent_run_with_a_child_per_job_and_the_report(tmp_pa
 
 @pytest.mark.slow
 def test_wandb_sweep_is_one_group_with_a_report_run(tmp_path):
-    pytest.importorskip("wandb", reason="logger=wandb needs the track extra: pip install -e '.[track]'")
-    sweep = tmp_path / "sweep"
-    done = kdrun_cli("-m", *SHORT, "logger=wandb", "T=2,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    sweep = sweep_with("wandb", tmp_path)
     jobs = [path for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[:3].isdigit())
             for path in wandb_run_files(job)]
     [report] = wandb_run_files(sweep)
