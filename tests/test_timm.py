@@ -95,3 +95,8 @@ def test_inputs_a_timm_model_cannot_take_are_refused(name, shape, wanted):
 def test_unknown_timm_name_suggests_the_nearest():
     with pytest.raises(ConfigError, match="did you mean resnet10t"):
         build("resnet10", IMAGE)
+
+
+def test_an_option_the_timm_model_does_not_take_is_refused():
+    with pytest.raises(ConfigError, match="'resnet10t' does not take these options .*unexpected keyword argument 'foo'"):
+        build("resnet10t", IMAGE, "student", "+student.foo=1")

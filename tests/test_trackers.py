@@ -95,7 +95,7 @@ def test_wandb_offline_run_directory_holds_config_curves_figures_and_the_student
     assert {key: str(value) for key, value in config.items()} == resolved_params(tmp_path)
     assert first.project == "kdrun" and first.display_name == tmp_path.name
     tags = {tag for record in (first, *later) for tag in record.tags}
-    assert {"strategy=offline", "dataset=mnist1d"} <= tags
+    assert {"strategy=offline", "dataset=mnist1d", summary["recipe"]} <= tags
 
     logged = []
     for history in records_of(run_file, "history"):

@@ -19,8 +19,8 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 
-# How timm refuses an option or an input size, when building a model or in its first forward.
-_REFUSALS = (TypeError, ValueError, AssertionError, RuntimeError)
+# How timm refuses an input size, when building a model or in its first forward.
+_REFUSALS = (ValueError, AssertionError, RuntimeError)
 
 
 def _timm():
@@ -44,15 +44,19 @@ def timm_model(num_classes: int, input_shape, name: str, pretrained: bool = Fals
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"unknown timm model {name!r}; {hint}(timm.list_models() lists all {len(timm.list_models())})")
-    if timm.models.get_pretrained_cfg(name) is not None and timm.models.get_pretrained_cfg(name).fixed_input_size:
+    default_cfg = timm.models.get_pretrained_cfg(name)
+    if default_cfg is not None and default_cfg.fixed_input_size:
         options.setdefault("img_size", (height, width))
     if pretrained_file:
         path = os.path.expanduser(str(pretrained_file))
         if not os.path.isfile(path):
             raise ConfigError(f"timm model {name!r}: pretrained_file={pretrained_file} does not exist")
         options["pretrained_cfg_overlay"] = {"file": path}
+    # Built without weights first: an option or input size the model refuses fails before any download.
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **options)
+    except TypeError as err:
+        raise ConfigError(f"timm model {name!r} does not take these options ({_first_line(err)})") from None
     except _REFUSALS as err:
         raise ConfigError(_unfit(name, tuple(input_shape), err)) from None
     _check_input(model, name, tuple(input_shape))

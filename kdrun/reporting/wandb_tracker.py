@@ -78,6 +78,7 @@ class WandbTracker(Tracker):
             artifact.add_file(str(best), name="best.pt", policy="immutable")  # best.pt stays as it is: no copy
             self.run.log_artifact(artifact)
         self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+        flush()
 
     def finish_sweep(self, sweep_dir: Path, files: list[Path], status: str) -> None:
         import wandb
@@ -89,3 +90,12 @@ class WandbTracker(Tracker):
             artifact.add_file(str(path), name=Path(path).name, policy="immutable")
         run.log_artifact(artifact)
         run.finish(exit_code=0 if status == "completed" else 1)
+        flush()
+
+
+def flush() -> None:
+    """Stop W&B's service process: an offline run's file is complete only once it has written it out
+    (finish() alone may return earlier), and a sweep's next job starts a service of its own."""
+    import wandb
+
+    wandb.teardown()
