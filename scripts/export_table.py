@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 START, END = "<!-- export-table -->", "<!-- /export-table -->"
 
 
@@ -43,13 +45,15 @@ def table(summary: dict, command: str, threads: int) -> str:
         "|---|---|---|---|---|",
     ]
     batches = speed["batches"]
-    for label, key, entry in (("teacher", "teacher_ms", summary["teacher"]), ("student (float)", "student_ms", summary["student"])):
-        acc = entry["test_acc"] if label == "teacher" else (quantized or {}).get("float_test_acc", entry["test_acc"])
-        lines.append(f"| {label} ({entry['arch']}) | {entry['params']:,} | {acc:.2f} | "
-                     f"{batches['1'][key]:.3f} | {batches['128'][key]:.3f} |")
+    teacher, student = summary["teacher"], summary["student"]
+    rows = [(f"teacher {teacher['arch']}", teacher, teacher["test_acc"], "teacher_ms")]
+    # the exported student is best.pt, so its accuracy is the ONNX file's, not the run's final weights'
+    rows.append((f"student {student['arch']}, float", student, (quantized or {}).get("float_test_acc"), "student_ms"))
     if quantized:
-        lines.append(f"| student (int8) | {summary['student']['params']:,} | {quantized['int8_test_acc']:.2f} | "
-                     f"{batches['1']['student_int8_ms']:.3f} | {batches['128']['student_int8_ms']:.3f} |")
+        rows.append((f"student {student['arch']}, int8", student, quantized["int8_test_acc"], "student_int8_ms"))
+    for label, entry, acc, key in rows:
+        shown = "-" if acc is None else f"{acc:.2f}"
+        lines.append(f"| {label} | {entry['params']:,} | {shown} | {batches['1'][key]:.3f} | {batches['128'][key]:.3f} |")
     lines += ["", f"Speed-up of the float student over the teacher: {batches['1']['speedup']:.1f}x at batch 1, "
               f"{batches['128']['speedup']:.1f}x at batch 128 (PyTorch, in the run's summary: "
               f"{summary['figures']['speedup']:.1f}x at batch {summary['figures']['speed_batch_size']})."]
@@ -79,8 +83,10 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "kdrun", f"hydra.run.dir={run_dir}", *kdrun_args], check=True)
     subprocess.run([sys.executable, "-m", "kdrun.export", str(run_dir), "--quantize", "--threads", str(args.threads),
                     "--repeats", str(args.repeats)], check=True)
-    command = " ".join(["python scripts/export_table.py", *kdrun_args, f"--threads {args.threads}",
-                        f"--repeats {args.repeats}"])
+    # The command that makes this table again: the run's own overrides (also for --only), not its directory.
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) if args.only else kdrun_args
+    command = " ".join(["python scripts/export_table.py", *(o for o in overrides if not o.startswith("hydra.run.dir=")),
+                        f"--threads {args.threads}", f"--repeats {args.repeats}"])
     text = table(json.loads((run_dir / "summary.json").read_text()), command, args.threads)
     print(text)
     if args.write:
