@@ -15,7 +15,7 @@ from kdrun.errors import ConfigError
 from kdrun.reporting.trackers import Guarded, Tracker, flatten
 from kdrun.run import run
 
-SHORT = [*FAST, "epochs=2", "teacher_training.epochs=2", "scratch=false"]
+SHORT = [*FAST, "scratch=false"]  # FAST's teacher, which other tests of the worker have cached
 
 
 @pytest.fixture(autouse=True)
