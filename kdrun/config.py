@@ -228,6 +228,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
     fast_paths.validate(cfg)
     validate_schedule(cfg)
+    from kdrun.reporting import trackers
+
+    trackers.build(cfg.get("logger"))  # its package is installed and its settings are allowed
     resolve_device(str(cfg.device))
     for role in ("teacher", "student"):
         given = cfg[role].get("checkpoint")

@@ -14,13 +14,35 @@ from kdrun.errors import ConfigError
 LAST_STAGE = "last_stage"
 
 
+# Where models keep their stages, deepest last: kdrun's and CIFAR families' ``stageN`` children,
+# torchvision's and timm's ResNets' ``layerN``, timm's ``stages.N`` (ConvNeXt, RegNet, ...) and
+# ``blocks.N`` (EfficientNet, MobileNet, ViT).
+_STAGE_CHILDREN = ("stage", "layer")
+_STAGE_CONTAINERS = ("stages", "blocks")
+
+
 def resolve_path(model: nn.Module, path: str) -> str:
-    """A module path; ``last_stage`` (or ``last_stage.<sub.path>``) stands for the model's deepest ``stageN``."""
+    """A module path; ``last_stage`` (or ``last_stage.<sub.path>``) stands for the model's deepest
+    stage: its highest ``stageN`` child, else its highest ``layerN`` child, else the last child of
+    its ``stages`` or ``blocks`` container."""
     head, dot, rest = path.partition(".")
     if head != LAST_STAGE:
         return path
-    stages = [int(name[5:]) for name, _ in model.named_children() if name.startswith("stage") and name[5:].isdigit()]
-    return f"stage{max(stages)}{dot}{rest}" if stages else path
+    stage = last_stage(model)
+    return f"{stage}{dot}{rest}" if stage else path
+
+
+def last_stage(model: nn.Module) -> str | None:
+    children = dict(model.named_children())
+    for prefix in _STAGE_CHILDREN:
+        numbers = [int(name[len(prefix):]) for name in children if name.startswith(prefix) and name[len(prefix):].isdigit()]
+        if numbers:
+            return f"{prefix}{max(numbers)}"
+    for container in _STAGE_CONTAINERS:
+        inner = [name for name, _ in children[container].named_children()] if container in children else []
+        if inner:
+            return f"{container}.{inner[-1]}"
+    return None
 
 
 def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:

@@ -72,24 +72,34 @@ def saved_config(resume: str) -> tuple[DictConfig, Path]:
     run_dir = Path(os.path.expanduser(resume)).resolve()
     if not run_dir.is_dir():
         raise ConfigError(f"resume={resume}: there is no such directory; give the run directory printed by the stopped run")
-    saved = next((path for path in (run_dir / "config.yaml", run_dir / "config_resolved.yaml") if path.is_file()), None)
-    if saved is None:
-        raise ConfigError(f"resume={resume}: not a kdrun run directory (it has no config.yaml)")
-    if run_status(run_dir) == "completed":
+    if run_status(run_dir) == "completed" and find_saved(run_dir) is not None:
         raise ConfigError(f"resume={resume}: that run completed; there is nothing to carry on (its files stay as they are)")
+    cfg = read_saved(run_dir, f"resume={resume}")
+    cfg.resume = str(run_dir)
+    return cfg, run_dir
+
+
+def find_saved(run_dir: Path) -> Path | None:
+    return next((path for path in (run_dir / "config.yaml", run_dir / "config_resolved.yaml") if path.is_file()), None)
+
+
+def read_saved(run_dir: Path, what: str) -> DictConfig:
+    """The config saved in ``run_dir``, read as data; refused (``what`` starts the message) when it
+    is missing, not YAML, or names a ``_target_`` that none of kdrun's configs define."""
+    saved = find_saved(run_dir)
+    if saved is None:
+        raise ConfigError(f"{what}: not a kdrun run directory (it has no config.yaml)")
     try:
         plain = yaml.safe_load(saved.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"resume={resume}: {saved.name} is not valid YAML ({str(err).splitlines()[0]})") from err
+        raise ConfigError(f"{what}: {saved.name} is not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(plain, dict):
-        raise ConfigError(f"resume={resume}: {saved.name} does not hold a config")
+        raise ConfigError(f"{what}: {saved.name} does not hold a config")
     allowed = own_targets()
     for path, target in targets_in(plain):
         if target not in allowed:
             raise ConfigError(
-                f"resume={resume}: {saved.name} names {path}={target!r}, which none of kdrun's configs define; "
+                f"{what}: {saved.name} names {path}={target!r}, which none of kdrun's configs define; "
                 "kdrun does not run code that a run directory names (was the file edited, or copied from elsewhere?)"
             )
-    cfg = OmegaConf.create(plain)
-    cfg.resume = str(run_dir)
-    return cfg, run_dir
+    return OmegaConf.create(plain)

@@ -31,6 +31,7 @@ from kdrun.errors import ConfigError, Interrupted, KdrunError
 from kdrun.losses.recipe import KNOBS, recipe_from
 from kdrun.provision import provision
 from kdrun.reporting import summary as reporting
+from kdrun.reporting import trackers
 from kdrun.reporting.metrics import MetricsLog
 from kdrun.strategies.base import Baseline, Strategy, StrategyResult, TrainedModel, check_recipe_fits
 from kdrun.strategies.common import student_training
@@ -126,6 +127,7 @@ def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
         raise ConfigError(
             f"{run_dir} already holds a run's checkpoints; carry it on with resume={run_dir} or choose another hydra.run.dir"
         )
+    tracker = trackers.start(cfg.get("logger"), cfg, run_dir) if main else None  # one that cannot start refuses the run
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -136,7 +138,7 @@ def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
     }
     with run_log(run_dir) if main else nullcontext(), stop_on_signals():
         try:
-            summary.update(_train_and_report(cfg, run_dir, summary))
+            summary.update(_train_and_report(cfg, run_dir, summary, tracker))
             summary["status"] = "completed"
             log.info("Result:\n%s", reporting.headline(summary))
         except (KeyboardInterrupt, Interrupted) as err:
@@ -153,12 +155,14 @@ def _run(cfg: DictConfig, run_dir: str | Path | None) -> dict[str, Any]:
             summary["wall_time_s"] = round(time.time() - started, 3)
             if main:
                 reporting.write_summary(run_dir, summary)
+            if tracker is not None:
+                tracker.finish(summary, run_dir)
     return summary
 
 
-def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], tracker) -> dict[str, Any]:
     """The run itself: set-up, the strategy, the baseline; returns the summary's sections."""
-    ctx, strategy = _set_up(cfg, run_dir, summary)
+    ctx, strategy = _set_up(cfg, run_dir, summary, tracker)
     result = strategy.run(ctx)
     scratch = scratch_baseline(ctx, strategy, result)
     sections = {
@@ -176,7 +180,7 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -
     return sections
 
 
-def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> tuple[RunContext, Strategy]:
+def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], tracker) -> tuple[RunContext, Strategy]:
     main = distributed.is_main()
     if int(cfg.dataset.batch_size) % distributed.world_size():
         raise ConfigError(
@@ -215,7 +219,7 @@ def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> tuple[Ru
         for knob in unused_knobs(cfg, recipe):
             log.warning("%s=%s has no effect: the recipe (%s) does not use it", knob, cfg[knob], recipe)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, data=data, task=task, device=device,
-                     metrics=MetricsLog.for_run(run_dir, cfg.get("logger")), perf=perf)
+                     metrics=MetricsLog(run_dir / "metrics.jsonl", tracker), perf=perf)
     distributed.barrier()  # the other ranks have read metrics.jsonl (resume) before rank 0 appends
     return ctx, strategy
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
 from kdrun.errors import ConfigError
-from kdrun.features import FeatureTaps
+from kdrun.features import FeatureTaps, resolve_path
 from kdrun.models.presets import cnn, mlp
 
 
@@ -46,3 +48,16 @@ def test_last_stage_alias_resolves_per_model():
         mlp_model(torch.randn(2, 1, 40))
         assert t1["last_stage"].shape[1] == 32  # stage3 of the CNN
         assert t2["last_stage"].shape == (2, 8)  # stage2 of the MLP
+
+
+def test_last_stage_alias_finds_layer_n_and_stage_containers():
+    from torchvision.models import resnet18
+
+    assert resolve_path(resnet18(), "last_stage") == "layer4"  # torchvision's (and timm's) ResNets
+    containers = {
+        "stages": torch.nn.Sequential(OrderedDict(stem=torch.nn.Identity(), stages=torch.nn.Sequential(*(torch.nn.Identity() for _ in range(3))))),
+        "blocks": torch.nn.Sequential(OrderedDict(blocks=torch.nn.Sequential(*(torch.nn.Identity() for _ in range(2))))),
+    }
+    assert resolve_path(containers["stages"], "last_stage.conv") == "stages.2.conv"
+    assert resolve_path(containers["blocks"], "last_stage") == "blocks.1"
+    assert resolve_path(torch.nn.Linear(2, 2), "last_stage") == "last_stage"  # no stages: left for check_paths to refuse

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kdrun.reporting.trackers import Tracker, scalars
+
 
 def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -20,25 +22,34 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class TensorBoardSink:
+class TensorBoardSink(Tracker):
     """TensorBoard event files beside metrics.jsonl: every numeric value of a row as a scalar
     tagged ``<model>/<split>/<key>`` at step = epoch (``logger=tensorboard``)."""
 
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard"):
+    name = "tensorboard"
+
+    def __init__(self, subdir: str = "tensorboard"):
+        self.subdir = subdir
+        self.writer = None
+
+    def start(self, cfg: DictConfig, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # only when asked for: a slow import
 
-        self.log_dir = Path(run_dir) / subdir
+        self.log_dir = Path(run_dir) / self.subdir
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         weakref.finalize(self, self.writer.close)
 
     def write(self, row: dict[str, Any]) -> None:
-        if not isinstance(row.get("epoch"), int):
+        found = scalars(row)
+        if found is None:
             return
-        prefix = f"{row.get('model', 'run')}/{row.get('split', 'all')}"
-        for key, value in row.items():
-            if key not in ("epoch", "model", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{prefix}/{key}", value, global_step=row["epoch"])
+        epoch, _, values = found
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, global_step=epoch)
         self.writer.flush()  # rows come once per epoch; flushing keeps a killed run's curves
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        self.writer.close()
 
 
 class MetricsLog:
@@ -46,7 +57,7 @@ class MetricsLog:
     other ranks keep the same rows in memory (the file's rows at start, then theirs, which
     are the same global values), so code that reads ``rows()`` decides alike on every rank."""
 
-    def __init__(self, path: str | Path | None, sink: TensorBoardSink | None = None):
+    def __init__(self, path: str | Path | None, sink: Tracker | None = None):
         from kdrun.engine import distributed
 
         self.path = Path(path) if path is not None else None
@@ -54,17 +65,6 @@ class MetricsLog:
         self.memory: list[dict[str, Any]] | None = None
         if not distributed.is_main():
             self.memory, self.sink = self._read(), None
-
-    @classmethod
-    def for_run(cls, run_dir: Path, logger: DictConfig | None = None) -> MetricsLog:
-        """``<run_dir>/metrics.jsonl``, plus the sink that the ``logger`` config group picks."""
-        from kdrun.config import instantiate_user
-        from kdrun.engine import distributed
-
-        sink_cfg = logger.get("sink") if logger else None
-        make_sink = sink_cfg and distributed.is_main()
-        sink = instantiate_user(sink_cfg, f"logger {logger.get('name')}")(run_dir) if make_sink else None
-        return cls(Path(run_dir) / "metrics.jsonl", sink)
 
     def write(self, **row: Any) -> None:
         if self.path is None:

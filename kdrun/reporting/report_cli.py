@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from kdrun.reporting import trackers
 from kdrun.reporting.sweep import collect, comparison_markdown, is_run_dir, read_job, summary_markdown, write_csv
 
 log = logging.getLogger("kdrun.report")
@@ -54,10 +55,23 @@ def write_report(sweep_dir: str | Path, plots: bool = True) -> Path:
 
 
 class SweepReport(Callback):
-    """Writes the sweep report when a multirun ends; a failure here is a warning, never a crashed sweep."""
+    """Writes the sweep report when a multirun ends; a failure here is a warning, never a crashed sweep.
+    With a tracker (``logger=mlflow|wandb``) the sweep also gets its parent run or group, opened when
+    the multirun starts (a tracker that cannot start refuses the sweep) and given the report at the end."""
 
     def __init__(self, plots: bool = True) -> None:
         self.plots = plots
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdrun.errors import ConfigError
+        from kdrun.preflight import refuse
+
+        try:
+            tracker = trackers.build(config.get("logger"))
+            if tracker is not None:
+                tracker.start_sweep(config, Path(str(config.hydra.sweep.dir)).resolve())
+        except ConfigError as err:
+            refuse(err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -69,6 +83,7 @@ class SweepReport(Callback):
             return
         log.info("Sweep report:\n%s", markdown.read_text())
         log.info("Sweep table: %s (also summary.csv and plots in that folder)", markdown)
+        self.track(config, markdown, "failed" if incomplete else "completed")
         if incomplete:
             from kdrun import cli
 
@@ -76,6 +91,19 @@ class SweepReport(Callback):
             # for kdrun's exit status; their summary.json did.
             if not cli._failures:
                 cli._failures.append(1)
+
+    @staticmethod
+    def track(config: DictConfig, markdown: Path, status: str) -> None:
+        """The report's files (tables and plots) to the sweep's parent run or group."""
+        sweep_dir = markdown.parent.resolve()
+        try:
+            tracker = trackers.build(config.get("logger"))
+            if tracker is not None:
+                files = [markdown, markdown.with_suffix(".csv"), *sorted(sweep_dir.glob("*.png"))]
+                tracker.finish_sweep(sweep_dir, [path for path in files if path.is_file()], status)
+        except Exception as err:  # noqa: BLE001 - as for the report: a warning, never a crashed sweep
+            log.warning("logger=%s: the sweep report was not recorded (%s: %s)", config.logger.get("name"),
+                        type(err).__name__, err)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -74,3 +74,34 @@ def recipe_state(run_dir: Path) -> dict:
 
     state = checkpoint.load(Path(run_dir) / "checkpoints" / "last.pt")["distiller"]
     return {key.removeprefix("recipe."): value for key, value in state.items() if key.startswith("recipe.")}
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B ``.wandb`` file, parsed with W&B's own protobuf schema.
+
+    wandb no longer ships a Python reader of the file, so its container is read here: a 7-byte
+    header (``:W&B``, magic 0xBEE1, version), then 32 KiB blocks of chunks, each a 7-byte header
+    (CRC-32 of type byte and data, little-endian length, type: 1 full, 2 first, 3 middle, 4 last)
+    and its data; a block's last bytes, too few for a chunk header, are padding."""
+    import struct
+    import zlib
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), "not a .wandb file"
+    block, position, records, pending = 32768, 7, [], b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == checksum, f"bad checksum at byte {position}"
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
