@@ -14,11 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import models
-from kdrun.config import MODEL_LISTS, register_resolvers
+from kdrun.config import MODEL_LISTS, instantiate_user, register_resolvers
 from kdrun.errors import ConfigError
 from kdrun.models.weights import load_weights
 from kdrun.resume import read_saved
@@ -83,9 +84,33 @@ def rebuild_teacher(run_dir: str | Path, cfg: DictConfig, summary: dict[str, Any
     return model.eval(), f"from {checkpoint}"
 
 
-def load_student(run_dir: str | Path) -> nn.Module:
-    """The distilled student of a finished run, ready for inference (eval mode, on the CPU)."""
-    return rebuild_student(run_dir)[0]
+class Student(nn.Module):
+    """A trained student ready for inference: ``model`` in eval mode, ``preprocess`` (raw inputs as the
+    dataset gives them -> the model's input), ``predict`` (raw inputs -> class indices), and the run's
+    ``summary`` and ``config``. Called on a tensor it is the model itself."""
+
+    def __init__(self, model: nn.Module, preprocess, summary: dict[str, Any], config: DictConfig):
+        super().__init__()
+        self.model, self.preprocess, self.summary, self.config = model.eval(), preprocess, summary, config
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    @torch.no_grad()
+    def predict(self, raw) -> torch.Tensor:
+        if self.preprocess is None:
+            raise ConfigError(f"dataset {self.config.dataset.get('name')} declares no preprocessing; call the model on tensors")
+        device = next(self.model.parameters()).device
+        return self.model(self.preprocess(raw).to(device)).argmax(-1)
+
+
+def load_student(run_dir: str | Path) -> Student:
+    """The distilled student of a finished run (``checkpoints/best.pt``), ready for inference: eval
+    mode, on the CPU, with its dataset's preprocessing of raw inputs (``Student.predict``)."""
+    model, cfg, summary = rebuild_student(run_dir)
+    spec = cfg.dataset.get("preprocess")
+    return Student(model, instantiate_user(spec, f"dataset {cfg.dataset.get('name')} preprocessing") if spec else None,
+                   summary, cfg)
 
 
 def _build(model_cfg: DictConfig, summary: dict[str, Any]) -> nn.Module:

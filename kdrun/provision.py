@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # Bump when a change to kdrun makes earlier cached models differ from what it would train now.
 CACHE_VERSION = 2
 # Dataset keys that do not change what a model learns.
-_DATASET_KEYS_IGNORED = ("num_workers", "eval_batch_size", "root", "download")
+_DATASET_KEYS_IGNORED = ("num_workers", "eval_batch_size", "root", "download", "preprocess")
 _SOURCE_KEYS_IGNORED = ("root", "cache_dir", "download")
 
 

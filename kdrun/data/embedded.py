@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,3 +127,30 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Splits:
     return _tensor_splits(
         images[train_idx, None], bunch.target[train_idx], images[test_idx, None], bunch.target[test_idx], 10
     )
+
+
+def signal_preprocess() -> Callable[[Any], torch.Tensor]:
+    """Raw MNIST-1D signals, ``(N, L)`` or ``(L,)`` numbers, as the models take them: ``(N, 1, L)`` float32."""
+
+    def preprocess(signals) -> torch.Tensor:
+        tensor = torch.as_tensor(np.asarray(signals), dtype=torch.float32)
+        return tensor.reshape(-1, 1, tensor.shape[-1])
+
+    return preprocess
+
+
+def digits_preprocess(test_fraction: float = 0.2, seed: int = 0) -> Callable[[Any], torch.Tensor]:
+    """Raw 8x8 digit images (pixel values 0..16, as scikit-learn gives them) scaled and
+    standardised as :func:`digits` does for training: ``(N, 1, 8, 8)`` float32."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32) / 16.0
+    order = np.random.default_rng(seed).permutation(len(images))
+    train = images[order[int(round(len(images) * test_fraction)):]]
+    mean, std = float(train.mean()), float(train.std())
+
+    def preprocess(raw) -> torch.Tensor:
+        tensor = torch.as_tensor(np.asarray(raw, dtype=np.float32) / 16.0)
+        return ((tensor - mean) / std).reshape(-1, 1, 8, 8)
+
+    return preprocess

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
+import numpy as np
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms as T
 from torchvision.datasets.vision import StandardTransform
@@ -207,3 +209,38 @@ def fake(num_train: int = 256, num_test: int = 128, image_size: int = 32, channe
 
     train = make(num_train, seed)
     return Splits(train, train, make(num_test, seed + num_train), num_classes, shape, in_memory=True)
+
+
+def _images(transform: Callable) -> Callable:
+    """Apply a per-image eval ``transform`` to raw images: one PIL image, a list of them, or a uint8
+    array of one image (``HxW``, ``HxWx3``) or a batch (``NxHxW``, ``NxHxWxC``). Returns a batch tensor."""
+    from PIL import Image
+
+    def preprocess(images) -> torch.Tensor:
+        if isinstance(images, Image.Image):
+            images = [images]
+        elif not isinstance(images, (list, tuple)):
+            array = np.asarray(images)
+            single = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
+            images = [array] if single else list(array)
+        return torch.stack([transform(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+                            for image in images])
+
+    return preprocess
+
+
+def preprocess(name: str) -> Callable:
+    """A torchvision dataset's eval transform for raw images: what its trained models expect."""
+    source = _SOURCES[name]
+    return _images(T.Compose([T.ToTensor(), T.Normalize(source.mean, source.std)]))
+
+
+def imagefolder_preprocess(image_size: int = 224) -> Callable:
+    """The ImageNet-style eval transform of :func:`imagefolder` for raw images."""
+    return _images(T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
+                              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+
+
+def tensor_preprocess() -> Callable:
+    """Raw images as tensors in [0, 1] (``fake``'s transform)."""
+    return _images(T.ToTensor())
