@@ -217,7 +217,7 @@ def test_cc_embeddings_are_sized_from_the_probe():
         ("rkd", "L = 1*CE + 1*RKD(embedding,d=25,a=50)"),
         ("sp", "L = 1*CE + 3000*SP(last_stage)"),
         ("pkt", "L = 1*CE + 30000*PKT(embedding)"),
-        ("cc", "L = 1*CE + 0.02*CC(embedding,gamma=0.4,P=2)"),
+        ("cc", "L = 1*CE + 0.02*CC(embedding)"),
     ],
 )
 def test_configs_compose_to_the_paper_recipes(name, formula):
