@@ -277,3 +277,26 @@ def test_unlike_pair_resnet32x4_to_resnet8x4_with_fitnet_and_at(tmp_path):
     assert summary["recipe"] == "L = 1*CE + 100*FitNet(last_stage->last_stage) + 1000*AT(p=2, last_stage->last_stage)"
     (row,) = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
     assert math.isfinite(row["loss/fitnet"]) and math.isfinite(row["loss/at"])
+
+
+@pytest.mark.parametrize("name", ["at", "vid"])
+def test_stage_groups_run_on_the_embedded_job_where_the_models_have_as_many_stages(tmp_path, name):
+    # The cnn teacher and the mlp student have three stages each: stage1..3 are paired one to one.
+    taps = [f"loss.{name}.student_taps=[stages]", f"loss.{name}.teacher_taps=[stages]"]
+    summary = run(make_cfg(*FAST, "epochs=1", "student=mlp", f"loss={name}", *taps), tmp_path)
+    assert summary["status"] == "completed" and f"{name.upper()}(" in summary["recipe"] and "stages->stages" in summary["recipe"]
+    if name == "vid":
+        assert sorted({key.split(".")[3] for key in recipe_state(tmp_path) if key.startswith("terms.vid.regressors.")}) == ["0", "1", "2"]
+
+
+def test_stage_groups_are_refused_on_the_default_pair_whose_stage_counts_differ(tmp_path):
+    # cnn: 3 stages, mlp_small: 2; the refusal comes before a teacher trains or a file is written.
+    cfg = make_cfg(*FAST, "loss=at", "loss.at.student_taps=[stages]", "loss.at.teacher_taps=[stages]")
+    with pytest.raises(ConfigError, match=r"counts differ"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fitnet_without_relu_runs_on_the_embedded_job(tmp_path):
+    summary = run(make_cfg(*FAST, "epochs=1", "loss=fitnet", "loss.fitnet.relu=false"), tmp_path)
+    assert summary["status"] == "completed" and "FitNet(last_stage->last_stage, no ReLU)" in summary["recipe"]
