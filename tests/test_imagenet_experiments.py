@@ -109,3 +109,31 @@ def test_torchvisions_weights_file_is_the_teacher_checkpoint(tmp_path):
     cfg = make_cfg("experiment=imagenet_resnet34_resnet18", "loss=kd", *FAKE_IMAGENET, f"teacher.checkpoint={weights}")
     summary = run(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and summary["teacher"]["source"] == "checkpoint"
+
+
+# The settings this work added, each run for one step on CIFAR's and on ImageNet's shape (the embedded
+# default job runs them in tests/test_losses_features.py and tests/test_losses_relations.py).
+NEW_OPTIONS = {
+    "cc_paper_form": ["loss=cc", "loss.cc.form=paper"],
+    "fitnet_without_relu": ["loss=fitnet", "loss.fitnet.relu=false", "loss.fitnet.student_taps=stage2", "loss.fitnet.teacher_taps=stage2"],
+    "at_over_stages": ["loss=at", "loss.at.student_taps=[stages]", "loss.at.teacher_taps=[stages]"],
+    "vid_over_stages": ["loss=vid", "loss.vid.student_taps=[stages]", "loss.vid.teacher_taps=[stages]"],
+}
+SHAPES = {
+    "cifar": ["dataset.source.num_classes=100", "dataset.source.image_size=32", "teacher=resnet20", "student=resnet8"],
+    # four stages a side; a narrow MobileNetV1 keeps 224x224 cheap on the CPU
+    "imagenet": ["dataset.source.num_classes=1000", "dataset.source.image_size=224", "teacher=mobilenetv1",
+                 "student=mobilenetv1", "student.width=0.25", "teacher.width=0.5"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("option", sorted(NEW_OPTIONS))
+def test_new_options_run_a_step_on_cifar_and_imagenet_shapes(option, shape, tmp_path):
+    overrides = ["dataset=fake", "dataset.source.channels=3", "dataset.source.num_train=4", "dataset.source.num_test=2",
+                 "dataset.batch_size=4", "epochs=1", "teacher_training.epochs=1", "scratch=false"]
+    summary = run(make_cfg(*overrides, *SHAPES[shape], *NEW_OPTIONS[option]), tmp_path)
+    assert summary["status"] == "completed"
+    (row,) = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
+    assert all(torch.isfinite(torch.tensor(value)) for key, value in row.items() if key.startswith("loss/"))
