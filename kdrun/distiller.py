@@ -36,6 +36,7 @@ def check_recipe(recipe: WeightedSum, student: nn.Module, teacher: nn.Module | N
     check_paths(student, recipe.taps("student"), "student")
     if teacher is not None:
         check_paths(teacher, recipe.taps("teacher"), "teacher")
+        recipe.check_models(student, teacher)
 
 
 class TeacherOutputs:

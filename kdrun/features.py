@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,11 @@ from kdrun.errors import ConfigError
 
 
 LAST_STAGE = "last_stage"
+# Every stageN of a model, in order: the intermediate features that the reference codes' feature
+# terms sum over (RepDistiller's ``feat[1:-1]``, mdistiller's ``feats[1:]``).
+STAGES = "stages"
+# Taps that name several modules; their outputs are kept under group_key(alias, i).
+GROUP_ALIASES = (STAGES,)
 
 
 # Where models keep their stages, deepest last: kdrun's and CIFAR families' ``stageN`` children,
@@ -21,34 +27,63 @@ _STAGE_CHILDREN = ("stage", "layer")
 _STAGE_CONTAINERS = ("stages", "blocks")
 
 
-def resolve_path(model: nn.Module, path: str) -> str:
-    """A module path; ``last_stage`` (or ``last_stage.<sub.path>``) stands for the model's deepest
-    stage: its highest ``stageN`` child, else its highest ``layerN`` child, else the last child of
-    its ``stages`` or ``blocks`` container."""
-    head, dot, rest = path.partition(".")
-    if head != LAST_STAGE:
-        return path
-    stage = last_stage(model)
-    return f"{stage}{dot}{rest}" if stage else path
-
-
-def last_stage(model: nn.Module) -> str | None:
+def stages(model: nn.Module) -> list[str]:
+    """The model's stages, shallowest first: its ``stageN`` children, else its ``layerN`` children,
+    else the children of its ``stages`` or ``blocks`` container."""
     children = dict(model.named_children())
     for prefix in _STAGE_CHILDREN:
-        numbers = [int(name[len(prefix):]) for name in children if name.startswith(prefix) and name[len(prefix):].isdigit()]
-        if numbers:
-            return f"{prefix}{max(numbers)}"
+        numbered = sorted((int(m.group(1)), name) for name in children if (m := re.fullmatch(rf"{prefix}(\d+)", name)))
+        if numbered:
+            return [name for _, name in numbered]
     for container in _STAGE_CONTAINERS:
-        inner = [name for name, _ in children[container].named_children()] if container in children else []
-        if inner:
-            return f"{container}.{inner[-1]}"
-    return None
+        if container in children:
+            inner = [f"{container}.{name}" for name, _ in children[container].named_children()]
+            if inner:
+                return inner
+    return []
+
+
+def resolve_paths(model: nn.Module, path: str) -> list[str]:
+    """The module paths ``path`` names on ``model``: ``last_stage`` (or ``last_stage.<sub.path>``)
+    the deepest stage, ``stages`` every stage in order, any other path itself."""
+    named = stages(model)
+    head, dot, rest = path.partition(".")
+    if head == LAST_STAGE and named:
+        return [f"{named[-1]}{dot}{rest}"]
+    if path == STAGES and named:
+        return named
+    return [path]
+
+
+def resolve_path(model: nn.Module, path: str) -> str:
+    """The one module path ``path`` names (``last_stage`` resolved); a group alias is refused."""
+    paths = resolve_paths(model, path)
+    if len(paths) != 1:
+        raise ConfigError(f"'{path}' names {len(paths)} modules ({', '.join(paths)}) where one is expected")
+    return paths[0]
+
+
+def group_key(path: str, index: int) -> str:
+    """Where the ``index``-th output of a tap that names several modules (``stages``) is kept."""
+    return f"{path}[{index}]"
+
+
+def tapped(features: Mapping[str, torch.Tensor], path: str) -> list[torch.Tensor]:
+    """The outputs of tap ``path`` in ``features``: one module's, or each of a group's in order."""
+    if path in features:
+        return [features[path]]
+    outputs = []
+    while group_key(path, len(outputs)) in features:
+        outputs.append(features[group_key(path, len(outputs))])
+    if not outputs:
+        raise KeyError(path)
+    return outputs
 
 
 def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:
     """Raise a ConfigError listing the available paths when one does not exist."""
     available = dict(model.named_modules())
-    for path in map(lambda p: resolve_path(model, p), paths):
+    for path in (resolved for given in paths for resolved in resolve_paths(model, given)):
         if path not in available:
             close = difflib.get_close_matches(path, available, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -62,9 +97,10 @@ def check_paths(model: nn.Module, paths: Iterable[str], owner: str) -> None:
 class FeatureTaps:
     """Register forward hooks on ``paths`` of ``model``; ``taps[path]`` is the last output.
 
-    Outputs are keyed by the path as given (an alias such as ``last_stage`` stays
-    the key), so loss terms need not know which model they read. Used as a context
-    manager, so hooks are removed when the work is done.
+    Outputs are keyed by the path as given (an alias such as ``last_stage`` stays the key), so
+    loss terms need not know which model they read; a group alias (``stages``) keeps its
+    modules' outputs under ``group_key(alias, i)`` (read them with :func:`tapped`). Used as a
+    context manager, so hooks are removed when the work is done.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], owner: str = "model"):
@@ -77,13 +113,15 @@ class FeatureTaps:
     def __enter__(self) -> FeatureTaps:
         modules = dict(self.model.named_modules())
         for path in self.paths:
-            module = modules[resolve_path(self.model, path)]
-            self._handles.append(module.register_forward_hook(self._store(path)))
+            resolved = resolve_paths(self.model, path)
+            keys = [path] if path not in GROUP_ALIASES else [group_key(path, i) for i in range(len(resolved))]
+            for key, module_path in zip(keys, resolved):
+                self._handles.append(modules[module_path].register_forward_hook(self._store(key)))
         return self
 
-    def _store(self, path: str):
+    def _store(self, key: str):
         def hook(_module, _inputs, output):
-            self.outputs[path] = output
+            self.outputs[key] = output
 
         return hook
 

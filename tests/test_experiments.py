@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
-from helpers import CONF_DIR, kdrun_cli, make_cfg, read_summary
+from helpers import CONF_DIR, kdrun_cli, make_cfg, read_summary, recipe_state
 from kdrun.run import run
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("crd_*.yaml"))
@@ -24,7 +24,7 @@ FAKE_CIFAR100 = [
     "epochs=1",
     "teacher_training.epochs=1",
 ]
-PAPER_METHODS = {"ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "crd", "crd_kd", "dkd"}
+PAPER_METHODS = {"ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "crd", "crd_kd", "dkd", "kd_ls"}
 LIGHT_STUDENTS = ("mobilenetv2", "shufflenetv1", "shufflenetv2")
 
 
@@ -118,3 +118,82 @@ def test_command_line_loss_choice_selects_the_published_number(tmp_path):
     assert "this method (crd) 75.11" in result.stdout + result.stderr
     saved = yaml.safe_load((tmp_path / "run" / "config_resolved.yaml").read_text())
     assert saved["choices"]["loss"] == "crd" and saved["choices"]["student"] == "shufflenetv1"
+
+
+def test_cfg_job_shows_the_reference_stages_and_weight_of_at(tmp_path):
+    result = kdrun_cli("experiment=crd_resnet32x4_resnet8x4", "loss=at", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss = yaml.safe_load(result.stdout)["loss"]
+    # RepDistiller: loss = 1 * CE + 1000 * sum over feat[1:-1] (every stage) of the AT loss
+    assert loss["ce"]["weight"] == 1.0 and loss["at"]["weight"] == 1000 and loss["at"]["p"] == 2
+    assert loss["at"]["student_taps"] == ["stages"] and loss["at"]["teacher_taps"] == ["stages"]
+
+
+# What each loss is in the experiments (RepDistiller's train_student.py and scripts/run_cifar_distill.sh,
+# mdistiller's DKD configs, logit-standardization-KD's runs) and in a plain run (kdrun's defaults).
+REFERENCE_SETTINGS = {
+    "at": ({"at.student_taps": ["stages"], "at.teacher_taps": ["stages"], "at.weight": 1000},
+           {"at.student_taps": ["last_stage"]}),
+    "vid": ({"vid.student_taps": ["stages"], "vid.teacher_taps": ["stages"], "vid.weight": 1}, {"vid.student_taps": ["last_stage"]}),
+    "fitnet": ({"fitnet.student_taps": "stage2", "fitnet.teacher_taps": "stage2", "fitnet.relu": True, "fitnet.weight": 100},
+               {"fitnet.student_taps": "last_stage"}),
+    "sp": ({"sp.student_taps": "last_stage", "sp.weight": 3000.0}, {"sp.student_taps": "last_stage"}),
+    "cc": ({"cc.form": "reference", "cc.weight": 0.02, "cc.student_taps": "embedding"}, {"cc.form": "reference"}),
+    "dkd": ({"dkd.beta": 2.0, "dkd.T": 4, "dkd.warmup_epochs": 20, "ce.weight": 1.0}, {"dkd.beta": 8.0}),
+    "kd_ls": ({"kd.T": 2, "kd.weight": 9.0, "ce.weight": 0.1, "kd.standardize": True}, {"kd.T": 4}),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(REFERENCE_SETTINGS))
+def test_an_experiment_runs_each_loss_with_its_reference_settings(loss):
+    in_experiment, plain = REFERENCE_SETTINGS[loss]
+    resolved = make_cfg("experiment=crd_resnet110_resnet32", f"loss={loss}")
+    default = make_cfg(f"loss={loss}")
+    for key, value in in_experiment.items():
+        assert OmegaConf.select(resolved.loss, key) == value, key
+    for key, value in plain.items():
+        assert OmegaConf.select(default.loss, key) == value, key
+
+
+@pytest.mark.parametrize(
+    "experiment, beta, ls_T, ls_weight",
+    [("crd_resnet110_resnet32", 2.0, 2, 9.0), ("crd_vgg13_vgg8", 6.0, 3, 9.0), ("crd_resnet50_mobilenetv2", 8.0, 3, 1.0)],
+)
+def test_dkd_and_kd_ls_settings_are_the_pairs_own(experiment, beta, ls_T, ls_weight):
+    assert make_cfg(f"experiment={experiment}", "loss=dkd").loss.dkd.beta == beta
+    kd_ls = make_cfg(f"experiment={experiment}", "loss=kd_ls")
+    assert (kd_ls.T, kd_ls.loss.kd.T, kd_ls.loss.kd.weight) == (ls_T, ls_T, ls_weight)
+
+
+def test_the_command_line_still_decides_over_the_reference_settings():
+    cfg = make_cfg("experiment=crd_vgg13_vgg8", "loss=kd_ls", "T=5", "loss.kd.weight=2")
+    assert (cfg.loss.kd.T, cfg.loss.kd.weight) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    "experiment, loss, formula, adapter",
+    [
+        pytest.param("crd_resnet32x4_resnet8x4", "at", "1000*AT(p=2, stages->stages)", {}, marks=pytest.mark.slow),
+        # four stages a side: a regressor per pair, 1x1 convs without bias
+        ("crd_vgg13_vgg8", "vid", "1*VID(stages->stages)", {"terms.vid.regressors.3.mean.4.weight": (512, 512, 1, 1)}),
+        # mobilenetv2's 16-channel 8x8 hint onto resnet50's 512-channel 16x16: ConvReg's transposed conv
+        pytest.param("crd_resnet50_mobilenetv2", "fitnet", "100*FitNet(stage2->stage2)",
+                     {"terms.fitnet.regressor.layers.0.weight": (16, 512, 4, 4)}, marks=pytest.mark.slow),
+        ("crd_wrn_40_2_wrn_16_2", "dkd", "1*DKD(a=1,b=6,T=4)", {}),
+    ],
+)
+def test_reference_settings_run_one_step(experiment, loss, formula, adapter, tmp_path):
+    summary = run(with_loss_choice(make_cfg(f"experiment={experiment}", f"loss={loss}", *FAKE_CIFAR100), loss), tmp_path)
+    assert summary["status"] == "completed" and formula in summary["recipe"]
+    state = recipe_state(tmp_path)
+    assert {name: tuple(state[name].shape) for name in adapter} == adapter
+    assert not any(name.endswith("bias") and ".vid." in name for name in state)
+
+
+def test_stages_of_unequal_count_are_refused_before_training(tmp_path):
+    from kdrun.errors import ConfigError
+
+    cfg = make_cfg("experiment=crd_resnet32x4_resnet8x4", "loss=at", "student=vgg8", *FAKE_CIFAR100)
+    with pytest.raises(ConfigError, match=r"AT pairs student stages \(stage1, stage2, stage3, stage4\) with teacher stages"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -99,29 +99,48 @@ def test_at_sums_over_stage_pairs():
 # --- FitNet ---------------------------------------------------------------------------------
 
 
-def test_fitnet_regressor_and_mse_against_loops():
+def test_fitnet_regressor_and_mse_against_loops_where_the_teacher_map_is_pooled():
+    # A student map 3x smaller than the teacher's: the reference has no conv for that; kdrun pools
+    # the teacher's map to the student's size and regresses with a 1x1 conv + BN (ReLU off here).
     torch.manual_seed(2)
-    student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)
-    term = FitNet("stage2", "stage3")
+    student, teacher = torch.randn(2, 3, 2, 2), torch.randn(2, 5, 6, 6)
+    term = FitNet("stage2", "stage3", relu=False)
     outputs = outputs_with({"stage2": student}, {"stage3": teacher})
     term.setup(outputs)
-    conv, bn = term.regressor
+    conv, bn = term.regressor.layers
     assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (5, 3, 1, 1) and isinstance(bn, nn.BatchNorm2d)
     term.eval()  # BN uses its running statistics (mean 0, var 1): y = w*x / sqrt(1 + eps) + b
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    pooled = block_mean(student.double().numpy(), 2)
+    pooled = block_mean(teacher.double().numpy(), 2)
     w, gamma, beta = conv.weight.detach().double().numpy()[:, :, 0, 0], bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
     squared = []
     for b in range(2):
         for o in range(5):
             for i in range(2):
                 for j in range(2):
-                    regressed = sum(w[o, c] * pooled[b, c, i, j] for c in range(3)) / math.sqrt(1 + bn.eps) * gamma[o] + beta[o]
-                    squared.append((regressed - teacher[b, o, i, j].item()) ** 2)
+                    regressed = sum(w[o, c] * student[b, c, i, j].item() for c in range(3)) / math.sqrt(1 + bn.eps) * gamma[o] + beta[o]
+                    squared.append((regressed - pooled[b, o, i, j]) ** 2)
     assert term(outputs).item() == pytest.approx(sum(squared) / len(squared), rel=1e-5)
-    assert term.describe() == "FitNet(stage2->stage3)"
+    assert term.describe() == "FitNet(stage2->stage3, no ReLU)"
+
+
+@pytest.mark.parametrize(
+    "student_size, teacher_size, conv_type, kernel, stride",
+    [(8, 4, nn.Conv2d, (3, 3), (2, 2)), (4, 8, nn.ConvTranspose2d, (4, 4), (2, 2)), (6, 4, nn.Conv2d, (3, 3), (1, 1)),
+     (4, 4, nn.Conv2d, (1, 1), (1, 1))],
+)
+def test_fitnet_regressor_maps_the_student_size_onto_the_teachers_as_repdistiller(student_size, teacher_size, conv_type, kernel, stride):
+    student, teacher = torch.randn(2, 3, student_size, student_size), torch.randn(2, 5, teacher_size, teacher_size)
+    term = FitNet("stage2", "stage2")
+    outputs = outputs_with({"stage2": student}, {"stage2": teacher})
+    term.setup(outputs)
+    conv, bn, relu = term.regressor.layers
+    assert type(conv) is conv_type and conv.kernel_size == kernel and conv.stride == stride and conv.bias is not None
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+    prediction, target = term.regressor(student, teacher)
+    assert prediction.shape == teacher.shape and target is teacher and (prediction >= 0).all()
 
 
 def test_fitnet_is_zero_when_regressed_student_equals_teacher():
@@ -129,7 +148,7 @@ def test_fitnet_is_zero_when_regressed_student_equals_teacher():
     teacher = torch.randn(4, 6)
     outputs = outputs_with({"last_stage": teacher.clone()}, {"last_stage": teacher})
     term.setup(outputs)
-    term.regressor = nn.Identity()
+    term.regressor.layers = nn.Identity()
     assert term(outputs).item() == 0.0
 
 
@@ -137,7 +156,7 @@ def test_fitnet_vector_student_to_map_teacher_uses_a_linear_regressor():
     term = FitNet()
     outputs = outputs_with({"last_stage": torch.randn(4, 8)}, {"last_stage": torch.randn(4, 3, 5)})
     term.setup(outputs)
-    linear = term.regressor[1]
+    linear = term.regressor.layers[1]
     assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (8, 15)
     assert term(outputs).shape == ()
 
@@ -258,3 +277,26 @@ def test_unlike_pair_resnet32x4_to_resnet8x4_with_fitnet_and_at(tmp_path):
     assert summary["recipe"] == "L = 1*CE + 100*FitNet(last_stage->last_stage) + 1000*AT(p=2, last_stage->last_stage)"
     (row,) = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
     assert math.isfinite(row["loss/fitnet"]) and math.isfinite(row["loss/at"])
+
+
+@pytest.mark.parametrize("name", ["at", "vid"])
+def test_stage_groups_run_on_the_embedded_job_where_the_models_have_as_many_stages(tmp_path, name):
+    # The cnn teacher and the mlp student have three stages each: stage1..3 are paired one to one.
+    taps = [f"loss.{name}.student_taps=[stages]", f"loss.{name}.teacher_taps=[stages]"]
+    summary = run(make_cfg(*FAST, "epochs=1", "student=mlp", f"loss={name}", *taps), tmp_path)
+    assert summary["status"] == "completed" and f"{name.upper()}(" in summary["recipe"] and "stages->stages" in summary["recipe"]
+    if name == "vid":
+        assert sorted({key.split(".")[3] for key in recipe_state(tmp_path) if key.startswith("terms.vid.regressors.")}) == ["0", "1", "2"]
+
+
+def test_stage_groups_are_refused_on_the_default_pair_whose_stage_counts_differ(tmp_path):
+    # cnn: 3 stages, mlp_small: 2; the refusal comes before a teacher trains or a file is written.
+    cfg = make_cfg(*FAST, "loss=at", "loss.at.student_taps=[stages]", "loss.at.teacher_taps=[stages]")
+    with pytest.raises(ConfigError, match=r"counts differ"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fitnet_without_relu_runs_on_the_embedded_job(tmp_path):
+    summary = run(make_cfg(*FAST, "epochs=1", "loss=fitnet", "loss.fitnet.relu=false"), tmp_path)
+    assert summary["status"] == "completed" and "FitNet(last_stage->last_stage, no ReLU)" in summary["recipe"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import FAST, make_cfg, read_metrics, recipe_state
+from kdrun.errors import ConfigError
 from kdrun.losses import StepOutputs, build_recipe
 from kdrun.losses.relations import (
     PKT,
@@ -16,6 +17,7 @@ from kdrun.losses.relations import (
     CorrelationCongruence,
     SimilarityPreserving,
     correlation_congruence_loss,
+    shared_correlation_loss,
     pkt_loss,
     rkd_loss,
     similarity_preserving_loss,
@@ -217,7 +219,7 @@ def test_cc_embeddings_are_sized_from_the_probe():
         ("rkd", "L = 1*CE + 1*RKD(embedding,d=25,a=50)"),
         ("sp", "L = 1*CE + 3000*SP(last_stage)"),
         ("pkt", "L = 1*CE + 30000*PKT(embedding)"),
-        ("cc", "L = 1*CE + 0.02*CC(embedding,gamma=0.4,P=2)"),
+        ("cc", "L = 1*CE + 0.02*CC(embedding)"),
     ],
 )
 def test_configs_compose_to_the_paper_recipes(name, formula):
@@ -242,3 +244,24 @@ def test_trains_resnet32x4_to_resnet8x4_on_images(tmp_path, name):
     assert summary["status"] == "completed"
     train_rows = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
     assert train_rows and math.isfinite(train_rows[0][f"loss/{name}"]) and train_rows[0][f"loss/{name}"] > 0
+
+
+def test_cc_reference_form_hand_value():
+    # |s - t| rows (1, 2) and (3, 1) and (0, 2): consecutive products 1*3 + 2*1 = 5 and 3*0 + 1*2 = 2; mean 3.5.
+    student = torch.tensor([[1.0, 2.0], [3.0, 1.0], [0.0, 2.0]])
+    assert shared_correlation_loss(student, torch.zeros(3, 2)).item() == pytest.approx(3.5)
+    assert shared_correlation_loss(student, -student).item() == pytest.approx(4 * 3.5)  # |2s| = 2|s|, products x4
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_cc_forms_run_one_epoch_on_the_embedded_job(tmp_path, form):
+    summary = run(make_cfg(*FAST, "epochs=1", "loss=cc", f"loss.cc.form={form}"), tmp_path)
+    assert summary["status"] == "completed"
+    assert summary["recipe"].endswith("0.02*CC(embedding)" if form == "reference" else "0.02*CC(embedding,paper,gamma=0.4,P=2)")
+    (row,) = [r for r in read_metrics(tmp_path) if r["model"] == "student" and r["split"] == "train"]
+    assert math.isfinite(row["loss/cc"]) and row["loss/cc"] >= 0
+
+
+def test_cc_form_is_checked():
+    with pytest.raises(ConfigError, match="loss.cc.form='taylor' must be one of reference, paper"):
+        CorrelationCongruence(form="taylor")

@@ -114,8 +114,11 @@ def test_dkd_warmup_and_standardisation():
     student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
     term = DecoupledKD(warmup_epochs=20)
     full = term(outputs_of(student, teacher, LABELS)).item()  # probe batch: progress None
-    assert term(outputs_of(student, teacher, LABELS, progress=0.0)).item() == 0.0
-    assert term(outputs_of(student, teacher, LABELS, progress=5.0)).item() == pytest.approx(full / 4)
+    # mdistiller's min(epoch / 20, 1), epoch counted from 1 and constant within the epoch.
+    assert term(outputs_of(student, teacher, LABELS, progress=0.0)).item() == pytest.approx(full / 20)
+    assert term(outputs_of(student, teacher, LABELS, progress=0.99)).item() == pytest.approx(full / 20)
+    assert term(outputs_of(student, teacher, LABELS, progress=4.0)).item() == pytest.approx(full / 4)
+    assert term(outputs_of(student, teacher, LABELS, progress=19.0)).item() == pytest.approx(full)
     assert term(outputs_of(student, teacher, LABELS, progress=35.0)).item() == pytest.approx(full)
     assert DecoupledKD(warmup_epochs=0)(outputs_of(student, teacher, LABELS, progress=0.0)).item() == pytest.approx(full)
 

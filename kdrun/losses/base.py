@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from kdrun.errors import ConfigError
+from kdrun.features import GROUP_ALIASES
 from kdrun.tasks.base import IGNORE
 
 
@@ -52,8 +53,10 @@ def tap_list(value: str | Sequence[str]) -> tuple[str, ...]:
 def one_tap(symbol: str, student_taps, teacher_taps) -> tuple[tuple[str], tuple[str]]:
     """For terms that read one tap per side: the configured ``student_taps``/``teacher_taps``."""
     student, teacher = tap_list(student_taps), tap_list(teacher_taps)
-    if len(student) != 1 or len(teacher) != 1:
-        raise ConfigError(f"{symbol} reads one tap per model; got student_taps={list(student)}, teacher_taps={list(teacher)}")
+    if len(student) != 1 or len(teacher) != 1 or {*student, *teacher} & set(GROUP_ALIASES):
+        raise ConfigError(
+            f"{symbol} reads one module per model; got student_taps={list(student)}, teacher_taps={list(teacher)}"
+        )
     return student, teacher
 
 
@@ -106,6 +109,9 @@ class Term(nn.Module):
         """A setting of this term (configured as ``loss.<name>``) that the data makes pointless or
         clips, e.g. more negatives than training samples; None when all is well."""
         return None
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Refuse, before anything trains, models this term cannot read (e.g. tap groups of unequal length)."""
 
     def setup(self, probe: StepOutputs) -> None:
         """Build adapters from the shapes in ``probe``; most terms have none."""

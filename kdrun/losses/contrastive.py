@@ -19,7 +19,8 @@ Memories (buffers, so they are checkpointed and resumed):
   it and the queue's entries come from EMA copies of the heads (``key_momentum``, like
   MoCo's keys), so the positive is no fresher than the negatives.
 
-Both start with random unit rows (RepDistiller starts its bank with random rows too).
+Both start with rows drawn uniformly from ``[-sqrt(3/d), sqrt(3/d)]`` (unit norm on average), as
+RepDistiller's ``ContrastMemory`` starts its bank, so the first batches' scores and Z match it.
 Negatives are drawn uniformly with replacement (as RepDistiller's ``AliasMethod``
 draws), so ``nce_k`` may exceed the memory's size, and never from the anchor's own
 sample; with ``negatives: other_class`` (default) not from its class either, as
@@ -90,8 +91,10 @@ def similarities(anchor: torch.Tensor, positive: torch.Tensor, memory: torch.Ten
     return torch.cat([positive_score, negative_scores], dim=1)
 
 
-def random_unit_rows(rows: int, dim: int, device=None) -> torch.Tensor:
-    return F.normalize(torch.randn(rows, dim, device=device), dim=1)
+def random_rows(rows: int, dim: int, device=None) -> torch.Tensor:
+    """Rows uniform in ``[-sqrt(3/dim), sqrt(3/dim)]``: unit norm on average (RepDistiller's memory init)."""
+    bound = math.sqrt(3 / dim)
+    return (torch.rand(rows, dim, device=device) * 2 - 1) * bound
 
 
 class _Memory(nn.Module):
@@ -103,8 +106,8 @@ class _Memory(nn.Module):
     def __init__(self, rows: int, feat_dim: int, exclude_class: bool):
         super().__init__()
         self.exclude_class = exclude_class
-        self.register_buffer("student", random_unit_rows(rows, feat_dim))
-        self.register_buffer("teacher", random_unit_rows(rows, feat_dim))
+        self.register_buffer("student", random_rows(rows, feat_dim))
+        self.register_buffer("teacher", random_rows(rows, feat_dim))
         self.register_buffer("labels", torch.full((rows,), -1, dtype=torch.long))
 
     def __len__(self) -> int:
@@ -153,8 +156,8 @@ class SampleBank(_Memory):
             return
         dim, device = self.student.shape[1], self.student.device
         # Ranks draw different rows: rank 0's go into every rank's bank (all grow at the same step).
-        new_student = distributed.broadcast_(random_unit_rows(extra, dim, device))
-        new_teacher = distributed.broadcast_(random_unit_rows(extra, dim, device))
+        new_student = distributed.broadcast_(random_rows(extra, dim, device))
+        new_teacher = distributed.broadcast_(random_rows(extra, dim, device))
         self.student = torch.cat([self.student, new_student])
         self.teacher = torch.cat([self.teacher, new_teacher])
         self.labels = torch.cat([self.labels, self.labels.new_full((extra,), -1)])

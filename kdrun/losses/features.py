@@ -20,16 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.features import LAST_STAGE
-from kdrun.losses.adapters import align_maps, is_map, pool_to, projection
+from kdrun.features import LAST_STAGE, resolve_paths, tapped
+from kdrun.losses.adapters import Regressor, align_maps, is_map, pool_to, projection
 from kdrun.losses.base import StepOutputs, Term, tap_list
 
 
-def fitnet_hint(student: torch.Tensor, teacher: torch.Tensor, regressor: nn.Module) -> torch.Tensor:
-    """Mean squared error between ``regressor(student)`` and the teacher's guided feature,
-    after :func:`align_maps` (the regressor was sized on the aligned shapes)."""
-    student, teacher = align_maps(student, teacher)
-    return F.mse_loss(regressor(student), teacher)
+def fitnet_hint(student: torch.Tensor, teacher: torch.Tensor, regressor: Regressor) -> torch.Tensor:
+    """Mean squared error between the regressed student feature and the teacher's guided feature."""
+    prediction, target = regressor(student, teacher)
+    return F.mse_loss(prediction, target)
 
 
 def spatial_attention(feature: torch.Tensor, p: float) -> torch.Tensor:
@@ -66,7 +65,8 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, variance: torch.Tenso
 
 
 class PairedFeatureTerm(Term):
-    """A term over pairs ``student_taps[i] -> teacher_taps[i]`` of tapped features."""
+    """A term over pairs ``student_taps[i] -> teacher_taps[i]`` of tapped features; a group tap
+    (``stages``) pairs its modules one to one, so ``stages -> stages`` is stage1 -> stage1, ..."""
 
     def __init__(self, student_taps: str | Sequence[str], teacher_taps: str | Sequence[str]):
         super().__init__()
@@ -80,33 +80,55 @@ class PairedFeatureTerm(Term):
     def pair_names(self) -> str:
         return ", ".join(f"{student}->{teacher}" for student, teacher in zip(self.student_taps, self.teacher_taps))
 
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        for student_tap, teacher_tap in zip(self.student_taps, self.teacher_taps):
+            student_paths, teacher_paths = resolve_paths(student, student_tap), resolve_paths(teacher, teacher_tap)
+            if len(student_paths) != len(teacher_paths):
+                raise ConfigError(
+                    f"{self.symbol} pairs student {student_tap} ({', '.join(student_paths)}) with teacher {teacher_tap} "
+                    f"({', '.join(teacher_paths)}) one to one, but their counts differ; list the pairs as "
+                    "student_taps=[...] teacher_taps=[...] of equal length"
+                )
+
     def pairs(self, outputs: StepOutputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The teacher side is detached so that no term can build graph into the teacher,
         # whatever mode the teacher's forward ran in.
-        for student, teacher in zip(self.student_taps, self.teacher_taps):
-            yield outputs.student_features[student], outputs.teacher_features[teacher].detach()
+        for student_tap, teacher_tap in zip(self.student_taps, self.teacher_taps):
+            students, teachers = tapped(outputs.student_features, student_tap), tapped(outputs.teacher_features, teacher_tap)
+            if len(students) != len(teachers):
+                raise ConfigError(f"{self.symbol}: {student_tap} gives {len(students)} features, {teacher_tap} {len(teachers)}")
+            for student, teacher in zip(students, teachers):
+                yield student, teacher.detach()
 
 
 class FitNet(PairedFeatureTerm):
-    """Romero et al., ICLR 2015: a regressor (1x1 conv + BN between maps, linear + BN
-    otherwise) maps the student's hint layer onto the teacher's guided layer."""
+    """Romero et al., ICLR 2015: a regressor maps the student's hint layer onto the teacher's
+    guided layer (:class:`kdrun.losses.adapters.Regressor`: RepDistiller's conv + BN + ReLU, with
+    a strided or transposed conv where the maps' sizes differ by 2; ``relu=false`` drops the ReLU)."""
 
     symbol = "FitNet"
     needs_setup = True
 
-    def __init__(self, student_taps: str | Sequence[str] = LAST_STAGE, teacher_taps: str | Sequence[str] = LAST_STAGE):
+    def __init__(
+        self, student_taps: str | Sequence[str] = LAST_STAGE, teacher_taps: str | Sequence[str] = LAST_STAGE, relu: bool = True
+    ):
         super().__init__(student_taps, teacher_taps)
         if len(self.student_taps) != 1:
             raise ConfigError(f"FitNet matches one hint layer; got student_taps={list(self.student_taps)}")
-        self.regressor: nn.Module | None = None
+        self.relu = bool(relu)
+        self.regressor: Regressor | None = None
 
     def describe(self) -> str:
-        return f"FitNet({self.pair_names()})"
+        return f"FitNet({self.pair_names()}{'' if self.relu else ', no ReLU'})"
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        super().check_models(student, teacher)
+        if len(resolve_paths(student, self.student_taps[0])) != 1:
+            raise ConfigError(f"FitNet matches one hint layer; {self.student_taps[0]} names several")
 
     def setup(self, probe: StepOutputs) -> None:
         ((student, teacher),) = self.pairs(probe)
-        aligned_student, aligned_teacher = align_maps(student, teacher)
-        self.regressor = projection(aligned_student.shape, aligned_teacher.shape).to(student.device)
+        self.regressor = Regressor(student, teacher, self.relu).to(student.device)
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         ((student, teacher),) = self.pairs(outputs)
@@ -132,19 +154,20 @@ class AttentionTransfer(PairedFeatureTerm):
 
 
 class VariationalRegressor(nn.Module):
-    """VID's variational distribution for one pair: mean mu(student) from three pointwise layers
-    with ReLUs between (1x1 convs on maps, linear layers on vectors) and a learned variance per
+    """VID's variational distribution for one pair: mean mu(student) from three bias-free pointwise
+    layers with ReLUs between (1x1 convs on maps, linear layers on vectors) and a learned variance per
     target channel (per element for vectors), ``softplus(alpha) + eps``, starting at ``init_var``."""
 
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, hidden: int, init_var: float, eps: float):
         super().__init__()
         hidden_shape = torch.Size((teacher_shape[0], hidden, *teacher_shape[2:]))
+        # Without biases, as the authors' code (RepDistiller's VIDLoss) builds them.
         self.mean = nn.Sequential(
-            projection(student_shape, hidden_shape, norm=False),
+            projection(student_shape, hidden_shape, norm=False, bias=False),
             nn.ReLU(),
-            projection(hidden_shape, hidden_shape, norm=False),
+            projection(hidden_shape, hidden_shape, norm=False, bias=False),
             nn.ReLU(),
-            projection(hidden_shape, teacher_shape, norm=False),
+            projection(hidden_shape, teacher_shape, norm=False, bias=False),
         )
         # Inverse softplus, so that softplus(alpha) + eps == init_var at the start.
         self.alpha = nn.Parameter(torch.full((teacher_shape[1],), math.log(math.expm1(init_var - eps))))

@@ -6,6 +6,8 @@ hyper-parameters and read :class:`StepOutputs`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -147,9 +149,10 @@ class SoftTargets(Term):
 class DecoupledKD(Term):
     """DKD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``, batch mean.
 
-    The loss ramps up linearly over ``warmup_epochs`` (``min(progress / warmup, 1)``,
-    mdistiller's ``DKD.WARMUP``); outside training (``progress`` None) it is at full
-    weight. CIFAR-100 defaults: alpha=1, beta=8, T=4, warm-up 20, with CE weight 1.
+    The loss ramps up over ``warmup_epochs`` as mdistiller's ``DKD.WARMUP``: ``min(e / warmup, 1)``
+    with ``e`` the epoch counted from 1, constant within an epoch (1/20 in the first of 20);
+    outside training (``progress`` None) it is at full weight. CIFAR-100 defaults: alpha=1,
+    beta=8, T=4, warm-up 20, with CE weight 1.
     ``standardize`` applies the logit z-score of Sun et al. (CVPR 2024) first.
     """
 
@@ -170,7 +173,7 @@ class DecoupledKD(Term):
     def warmup(self, progress: float | None) -> float:
         if progress is None or self.warmup_epochs <= 0:
             return 1.0
-        return min(progress / self.warmup_epochs, 1.0)
+        return min((math.floor(progress) + 1) / self.warmup_epochs, 1.0)
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         student, teacher = outputs.student_logits, outputs.teacher_logits

@@ -9,15 +9,14 @@ are computed without a graph. Constants follow the authors' reference code
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.errors import ConfigError
 from kdrun.losses.adapters import projection
 from kdrun.losses.base import StepOutputs, Term, one_tap
 
@@ -116,6 +115,16 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     return difference.pow(2).mean()
 
 
+def shared_correlation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The CC loss the paper's authors shared with RepDistiller (``distiller_zoo/CC.py``, ``Correlation``):
+    with ``d_i = |s_i - t_i|`` the absolute embedding difference of sample ``i``, the mean over
+    consecutive samples of ``<d_i, d_(i+1)>``. A batch of one sample has no pair, and no loss."""
+    delta = (student - teacher).abs()
+    if len(delta) < 2:
+        return delta.sum() * 0
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
 class RelationTerm(Term):
     """Reads one tap from each model and flattens it to ``(B, -1)`` vectors."""
 
@@ -167,20 +176,32 @@ class PKT(RelationTerm):
 
 
 class CorrelationCongruence(RelationTerm):
-    """CC on learned linear embeddings of both sides (as in RepDistiller's ``correlation``),
-    which bring student and teacher to a common width; both embeddings are trained."""
+    """CC on learned linear embeddings of both sides (RepDistiller's ``LinearEmbed``), which bring
+    student and teacher to a common width; both embeddings are trained.
+
+    ``form=reference`` (default) is the reference code's loss, which the authors shared with
+    RepDistiller and which ran there with weight 0.02 for the CRD paper's CC numbers
+    (:func:`shared_correlation_loss`); ``form=paper`` is the paper's Gaussian-kernel correlation
+    with its ``gamma`` and Taylor ``order`` (:func:`correlation_congruence_loss`), for which no
+    published weight is known.
+    """
 
     symbol = "CC"
     needs_setup = True
+    FORMS = ("reference", "paper")
 
-    def __init__(self, gamma: float = 0.4, order: int = 2, embed_dim: int = 128, **taps):
+    def __init__(self, gamma: float = 0.4, order: int = 2, embed_dim: int = 128, form: str = "reference", **taps):
         super().__init__(**taps)
-        self.gamma, self.order, self.embed_dim = float(gamma), int(order), int(embed_dim)
+        if form not in self.FORMS:
+            raise ConfigError(f"loss.cc.form={form!r} must be one of {', '.join(self.FORMS)}")
+        self.gamma, self.order, self.embed_dim, self.form = float(gamma), int(order), int(embed_dim), form
         self.embed_student: nn.Module | None = None
         self.embed_teacher: nn.Module | None = None
 
     def describe(self) -> str:
-        return f"CC({self.where()},gamma={self.gamma:g},P={self.order})"
+        if self.form == "reference":
+            return f"CC({self.where()})"
+        return f"CC({self.where()},paper,gamma={self.gamma:g},P={self.order})"
 
     def setup(self, probe: StepOutputs) -> None:
         student, teacher = self.pair(probe)
@@ -190,6 +211,7 @@ class CorrelationCongruence(RelationTerm):
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         student, teacher = self.pair(outputs)
-        return correlation_congruence_loss(
-            self.embed_student(student), self.embed_teacher(teacher), self.gamma, self.order
-        )
+        student, teacher = self.embed_student(student), self.embed_teacher(teacher)
+        if self.form == "reference":
+            return shared_correlation_loss(student, teacher)
+        return correlation_congruence_loss(student, teacher, self.gamma, self.order)

@@ -6,7 +6,6 @@ The auxiliary heads live beside the student, so the exported model is the plain 
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 import torch.nn as nn
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 from kdrun.distiller import Distiller
 from kdrun.engine.loop import evaluate
 from kdrun.errors import ConfigError
-from kdrun.features import FeatureTaps, check_paths, resolve_path
+from kdrun.features import FeatureTaps, check_paths, resolve_path, stages
 from kdrun.losses import StepOutputs, WeightedSum
 from kdrun.losses.recipe import recipe_from
 from kdrun.models import count_params
@@ -27,12 +26,6 @@ from kdrun.tasks import Batch, Task
 log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
-
-
-def stage_paths(model: nn.Module) -> list[str]:
-    """``stage1..stageN-1``: every stage but the deepest (whose classifier is the model's own)."""
-    stages = sorted((int(m.group(1)), name) for name, _ in model.named_children() if (m := re.fullmatch(r"stage(\d+)", name)))
-    return [name for _, name in stages[:-1]]
 
 
 class AuxiliaryHead(nn.Module):
@@ -129,7 +122,8 @@ class SelfDistill(Strategy):
         cfg, strategy = ctx.cfg, ctx.cfg.strategy
         recipe = recipe_from(cfg)
         student = ctx.build_model(cfg.student)
-        paths = [resolve_path(student, p) for p in strategy.taps] if strategy.get("taps") else stage_paths(student)
+        # By default every stage but the deepest, whose classifier is the model's own.
+        paths = [resolve_path(student, p) for p in strategy.taps] if strategy.get("taps") else stages(student)[:-1]
         if not paths:
             raise ConfigError(
                 f"strategy=self needs intermediate stages on the student ({cfg.student.arch} has none named stageN "
