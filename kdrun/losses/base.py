@@ -105,6 +105,9 @@ class Term(nn.Module):
     def describe(self) -> str:
         return self.symbol
 
+    def bind_data(self, train_samples: int) -> None:
+        """The training set's size, known once the data is (e.g. for memories with a row per sample)."""
+
     def data_warning(self, name: str, train_samples: int) -> str | None:
         """A setting of this term (configured as ``loss.<name>``) that the data makes pointless or
         clips, e.g. more negatives than training samples; None when all is well."""

@@ -146,6 +146,7 @@ class SampleBank(_Memory):
     def __init__(self, feat_dim: int, momentum: float, exclude_class: bool):
         super().__init__(0, feat_dim, exclude_class)
         self.momentum = momentum
+        self.capacity: int | None = None  # the number of training samples, once known
 
     def sample_index(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
@@ -163,7 +164,10 @@ class SampleBank(_Memory):
         self.labels = torch.cat([self.labels, self.labels.new_full((extra,), -1)])
 
     def reserve(self, index: torch.Tensor) -> None:
-        self.grow(int(index.max()) + 1)
+        # Reading the largest index syncs the device: done only until the bank holds every training
+        # sample (the size comes with bind_data), i.e. in the first epoch.
+        if self.capacity is None or len(self) < self.capacity:
+            self.grow(int(index.max()) + 1)
 
     def positives(self, index, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
         return self.student[index], self.teacher[index]
@@ -242,11 +246,16 @@ class CRD(Term):
         # log(mean exp(s/T)) of the first batch, per direction (student anchor, teacher
         # anchor): the paper's Z / N, estimated once and kept fixed. NaN = not yet set.
         self.register_buffer("log_mean_exp", torch.full((2,), float("nan")))
+        self.estimated: list[bool] | None = None
 
     def describe(self) -> str:
         kind = "bank" if isinstance(self.memory, SampleBank) else f"queue={len(self.memory)}"
         loss = ",infonce" if self.objective == "infonce" else ""
         return f"CRD({kind},k={self.nce_k},T={self.nce_t:g}{loss})"
+
+    def bind_data(self, train_samples: int) -> None:
+        if isinstance(self.memory, SampleBank):
+            self.memory.capacity = train_samples
 
     def data_warning(self, name: str, train_samples: int) -> str | None:
         rows = train_samples if isinstance(self.memory, SampleBank) else min(train_samples, len(self.memory))
@@ -307,9 +316,21 @@ class CRD(Term):
     def _loss(self, direction: int, scores: torch.Tensor) -> torch.Tensor:
         if self.objective == "infonce":
             return info_nce_loss(scores, self.nce_t)
-        if torch.isnan(self.log_mean_exp[direction]):
+        if not self._estimated()[direction]:
             logits = scores.detach() / self.nce_t
             # Over all ranks' scores, so Z is the same on every rank (ranks' batches are equal in size).
             per_rank = distributed.all_gather(torch.logsumexp(logits.flatten(), 0).reshape(1))
             self.log_mean_exp[direction] = torch.logsumexp(per_rank, 0) - math.log(logits.numel() * len(per_rank))
+            self.estimated[direction] = True
         return nce_loss(scores, self.log_mean_exp[direction], self.nce_t)
+
+    def _estimated(self) -> list[bool]:
+        """Which of the two Z estimates are set, kept on the host (a check of the buffer would sync the
+        device every step): read from the buffer once, after construction or a checkpoint load."""
+        if self.estimated is None:
+            self.estimated = [not math.isnan(value) for value in self.log_mean_exp.tolist()]
+        return self.estimated
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.estimated = None

@@ -59,16 +59,19 @@ def decoupled_kd_parts(
     (the paper's Eq. 1-3).
     Rather than masking the target with a large negative logit (mdistiller), the
     target column is dropped and the binary log-probabilities come from
-    ``logsumexp``, which is exact and stays finite when ``p_target`` -> 1.
+    ``logsumexp``, which is exact and stays finite when ``p_target`` -> 1. The columns are
+    gathered by index (not boolean masks), so the step needs no host-device sync.
     """
     batch, num_classes = student_logits.shape
-    is_target = F.one_hot(labels, num_classes).bool()
+    others = torch.arange(num_classes - 1, device=labels.device).expand(batch, -1)
+    others = others + (others >= labels[:, None]).long()  # each row's classes but its target, in order
 
     def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaled = logits / T
         log_total = torch.logsumexp(scaled, dim=1)
-        non_target = scaled[~is_target].view(batch, num_classes - 1)
-        log_binary = torch.stack([scaled[is_target], torch.logsumexp(non_target, dim=1)], dim=1) - log_total[:, None]
+        non_target = scaled.gather(1, others)
+        target = scaled.gather(1, labels[:, None]).squeeze(1)
+        log_binary = torch.stack([target, torch.logsumexp(non_target, dim=1)], dim=1) - log_total[:, None]
         return log_binary, F.log_softmax(non_target, dim=1)
 
     student_binary, student_rest = split(student_logits)

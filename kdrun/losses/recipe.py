@@ -75,8 +75,11 @@ class WeightedSum(nn.Module):
         for term in self.terms.values():
             term.setup(probe)
 
-    def data_warnings(self, train_samples: int) -> list[str]:
-        """Settings of the terms that the training data makes pointless or clips (see :meth:`Term.data_warning`)."""
+    def bind_data(self, train_samples: int) -> list[str]:
+        """Tell the terms the training set's size; returns the settings that it makes pointless or
+        clips (see :meth:`Term.data_warning`)."""
+        for term in self.terms.values():
+            term.bind_data(train_samples)
         found = (term.data_warning(name, train_samples) for name, term in self.terms.items())
         return [warning for warning in found if warning]
 

@@ -58,7 +58,7 @@ def train(ctx, name: str, distiller: Distiller, *, arch: str, ckpt_dir: Path, ti
     """Fit ``distiller`` with the students' training config: the teacher-output cache where it
     applies, sample indices where the recipe needs them, adapters sized from a probe batch."""
     data = teacher_cache.install(distiller, data or ctx.data, ctx.perf.teacher_cache_setting, free_bytes(ctx.device), title)
-    for warning in distiller.recipe.data_warnings(len(data.train_set)):
+    for warning in distiller.recipe.bind_data(len(data.train_set)):
         ctx.warn_once(warning)
     if distiller.recipe.needs_index:
         data = data.indexed()
