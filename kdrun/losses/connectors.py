@@ -172,7 +172,7 @@ class ActivationBoundaries(Initialisation, ConnectedTerm):
         super().__init__(student_taps, teacher_taps)
         if margin < 0:
             raise ConfigError(f"loss.ab.margin={margin} must be >= 0")
-        self.margin, self.init_epochs = float(margin), check_epochs("AB", "init_epochs", init_epochs)
+        self.margin, self.init_epochs = float(margin), check_epochs("loss.ab.init_epochs", init_epochs)
 
     def describe(self) -> str:
         return f"AB(m={self.margin:g}, {self.pair_names()}; initialisation only, {self.init_epochs} epochs)"

@@ -60,8 +60,8 @@ class FSP(Initialisation, PairedFeatureTerm):
                  teacher_taps: Sequence[str] = ("stage1", "last_stage"), init_epochs: int = 5):
         super().__init__(student_taps, teacher_taps)
         if len(self.student_taps) < 2:
-            raise ConfigError(f"FSP needs at least two taps per model (a chain); got student_taps={list(self.student_taps)}")
-        self.init_epochs = check_epochs("FSP", "init_epochs", init_epochs)
+            raise ConfigError(f"loss.fsp needs at least two taps per model (a chain); got student_taps={list(self.student_taps)}")
+        self.init_epochs = check_epochs("loss.fsp.init_epochs", init_epochs)
         self.projections = nn.ModuleList()
 
     def describe(self) -> str:
@@ -191,7 +191,7 @@ class KDSVD(PairedFeatureTerm):
                  teacher_taps: Sequence[str] = ("stage1", "last_stage"), k: int = 1):
         super().__init__(student_taps, teacher_taps)
         if len(self.student_taps) < 2 or k < 1:
-            raise ConfigError(f"KDSVD needs two taps or more per model and k >= 1 (got {len(self.student_taps)} taps, k={k})")
+            raise ConfigError(f"loss.kdsvd needs two taps or more per model and k >= 1 (got {len(self.student_taps)} taps, k={k})")
         self.k = int(k)
 
     def describe(self) -> str:

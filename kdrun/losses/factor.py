@@ -70,10 +70,10 @@ class Paraphrased(PairedFeatureTerm):
     def __init__(self, student_taps, teacher_taps, rate: float, paraphraser_epochs: int):
         super().__init__(student_taps, teacher_taps)
         if len(self.student_taps) != 1:
-            raise ConfigError(f"{self.symbol} reads one tap per model; got student_taps={list(self.student_taps)}")
+            raise ConfigError(f"loss.{self.symbol.lower()} reads one tap per model; got student_taps={list(self.student_taps)}")
         if not 0 < rate <= 1:
-            raise ConfigError(f"{self.symbol}: rate={rate} must be in (0, 1] (the paraphrase rate k)")
-        self.rate, self.paraphraser_epochs = float(rate), check_epochs(self.symbol, "paraphraser_epochs", paraphraser_epochs)
+            raise ConfigError(f"loss.{self.symbol.lower()}.rate={rate} must be in (0, 1] (the paraphrase rate k)")
+        self.rate, self.paraphraser_epochs = float(rate), check_epochs(f"loss.{self.symbol.lower()}.paraphraser_epochs", paraphraser_epochs)
         self.paraphraser: Paraphraser | None = None
         self.frozen = False
 

@@ -100,7 +100,7 @@ class SelfSupervisedKD(Term):
         self.settings = {"kl_T": float(kl_T), "ss_T": float(ss_T), "tf_T": float(tf_T), "ss_ratio": float(ss_ratio),
                          "tf_ratio": float(tf_ratio), "kl_weight": float(kl_weight), "ss_weight": float(ss_weight),
                          "tf_weight": float(tf_weight)}
-        self.head_epochs = check_epochs("SSKD", "head_epochs", head_epochs)
+        self.head_epochs = check_epochs("loss.sskd.head_epochs", head_epochs)
         self.teacher_head: nn.Module | None = None
 
     def describe(self) -> str:

@@ -85,10 +85,10 @@ class Initialisation:
         return outputs.student_logits.new_zeros(())
 
 
-def check_epochs(symbol: str, key: str, epochs) -> int:
-    """A stage's epoch count from config: an integer >= 1."""
+def check_epochs(field: str, epochs) -> int:
+    """A stage's epoch count from config (``field``, e.g. ``loss.ab.init_epochs``): an integer >= 1."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"{symbol}: {key}={epochs!r} must be an integer >= 1 (the epochs of its stage before training)")
+        raise ConfigError(f"{field}={epochs!r} must be an integer >= 1 (the epochs of its stage before the run's training)")
     return epochs
 
 
