@@ -22,7 +22,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import StepOutputs
 from kdrun.losses.features import PairedFeatureTerm
 from kdrun.losses.maps import as_map, batch_norm, conv, pooled, smallest
-from kdrun.losses.stages import Initialisation, check_epochs
+from kdrun.losses.stages import Initialisation, check_epochs, epochs_text
 
 
 def he_normal_(module: nn.Module) -> None:
@@ -175,7 +175,7 @@ class ActivationBoundaries(Initialisation, ConnectedTerm):
         self.margin, self.init_epochs = float(margin), check_epochs("loss.ab.init_epochs", init_epochs)
 
     def describe(self) -> str:
-        return f"AB(m={self.margin:g}, {self.pair_names()}; initialisation only, {self.init_epochs} epochs)"
+        return f"AB(m={self.margin:g}, {self.pair_names()}; initialisation only, {epochs_text(self.init_epochs)})"
 
     def initialisation_loss(self, outputs: StepOutputs) -> torch.Tensor:
         pairs = self.connected(outputs)

@@ -20,7 +20,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import StepOutputs
 from kdrun.losses.features import PairedFeatureTerm
 from kdrun.losses.maps import as_map, conv, pooled, smallest
-from kdrun.losses.stages import Initialisation, check_epochs
+from kdrun.losses.stages import Initialisation, check_epochs, epochs_text
 
 
 def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class FSP(Initialisation, PairedFeatureTerm):
 
     def describe(self) -> str:
         return f"FSP({' -> '.join(self.student_taps)} vs {' -> '.join(self.teacher_taps)}; initialisation only, " \
-               f"{self.init_epochs} epochs)"
+               f"{epochs_text(self.init_epochs)})"
 
     def maps(self, outputs: StepOutputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pairs = list(self.pairs(outputs))

@@ -20,7 +20,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import StepOutputs
 from kdrun.losses.features import PairedFeatureTerm
 from kdrun.losses.maps import as_map, batch_norm, conv, conv_transpose, pooled, smallest
-from kdrun.losses.stages import PreStage, check_epochs, stage_of
+from kdrun.losses.stages import PreStage, check_epochs, epochs_text, stage_of
 
 
 def three_layers(kind, rank: int, in_channels: int, out_channels: int, norm: bool) -> nn.Sequential:
@@ -53,11 +53,13 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     summed over channels, averaged over the batch (torchdistill ``AffinityLoss``)."""
     student, teacher = F.normalize(student.flatten(2), dim=2), F.normalize(teacher.flatten(2), dim=2)
     positions = student.shape[2]
-
-    def affinity(maps: torch.Tensor) -> torch.Tensor:
-        return maps.unsqueeze(3) * maps.unsqueeze(2) / positions
-
-    return (affinity(student) - affinity(teacher)).flatten(2).norm(dim=2).sum(dim=1).mean()
+    total = 0.0
+    # Channel by channel, as the reference: a (batch, positions, positions) affinity at a time.
+    for channel in range(student.shape[1]):
+        s, t = student[:, channel], teacher[:, channel]
+        difference = (s.unsqueeze(2) * s.unsqueeze(1) - t.unsqueeze(2) * t.unsqueeze(1)) / positions
+        total = total + difference.flatten(1).norm(dim=1)
+    return total.mean()
 
 
 class Paraphrased(PairedFeatureTerm):
@@ -93,11 +95,14 @@ class Paraphrased(PairedFeatureTerm):
         return [stage_of(self, f"{self.symbol.lower()}_paraphraser", self.paraphraser_epochs, 1.0, trains_student=False,
                          symbol=f"{self.symbol}-paraphraser", teacher_only=True)]
 
-    def stage_setup(self, stage: str, probe: StepOutputs) -> None:
-        if self.paraphraser is None:
+    def build_paraphraser(self, probe: StepOutputs) -> None:
+        if self.paraphraser is None:  # else trained by the stage earlier in this run
             teacher = self.teacher_map(probe)
             paraphraser = Paraphraser(teacher.dim(), teacher.shape[1], self.rate, self.paraphraser_norm)
             self.paraphraser = paraphraser.to(teacher.device)
+
+    def stage_setup(self, stage: str, probe: StepOutputs) -> None:
+        self.build_paraphraser(probe)
 
     def stage_loss(self, stage: str, outputs: StepOutputs) -> torch.Tensor:
         """Reconstruction of the teacher's feature (+ the L1 penalty on the code, for KTAAD)."""
@@ -108,7 +113,7 @@ class Paraphrased(PairedFeatureTerm):
 
     def setup(self, probe: StepOutputs) -> None:
         """The run's own training: the paraphraser (trained in its stage) is held still."""
-        self.stage_setup("", probe)
+        self.build_paraphraser(probe)
         self.paraphraser.requires_grad_(False)
         self.frozen = True
 
@@ -139,7 +144,7 @@ class FactorTransfer(Paraphrased):
         self.translator: nn.Module | None = None
 
     def describe(self) -> str:
-        return f"FT(k={self.rate:g}, {self.pair_names()}; paraphraser trained first, {self.paraphraser_epochs} epochs)"
+        return f"FT(k={self.rate:g}, {self.pair_names()}; paraphraser trained first, {epochs_text(self.paraphraser_epochs)})"
 
     def setup(self, probe: StepOutputs) -> None:
         super().setup(probe)
@@ -175,7 +180,7 @@ class KnowledgeAdaptation(Paraphrased):
 
     def describe(self) -> str:
         return (f"KTAAD({self.adaptation_weight:g}*KTA + {self.affinity_weight:g}*Affinity, k={self.rate:g}, "
-                f"{self.pair_names()}; paraphraser trained first, {self.paraphraser_epochs} epochs)")
+                f"{self.pair_names()}; paraphraser trained first, {epochs_text(self.paraphraser_epochs)})")
 
     def setup(self, probe: StepOutputs) -> None:
         super().setup(probe)

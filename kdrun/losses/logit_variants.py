@@ -135,7 +135,7 @@ def batch_correlation(logits: torch.Tensor, T: float) -> torch.Tensor:
 
 def below_median(values: torch.Tensor) -> torch.Tensor:
     """The share of ``values`` at or below their median (linear interpolation, as ``np.percentile``)."""
-    return (values <= torch.quantile(values.float(), 0.5)).float().mean()
+    return (values <= torch.quantile(values, 0.5)).float().mean()
 
 
 def mlkd_loss(weak_student: torch.Tensor, weak_teacher: torch.Tensor, strong_student: torch.Tensor,

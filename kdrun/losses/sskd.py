@@ -22,7 +22,7 @@ from kdrun.errors import ConfigError
 from kdrun.losses.base import StepOutputs, Term, one_tap
 from kdrun.losses.logits import soft_target_kl
 from kdrun.losses.projector import pooled_vector
-from kdrun.losses.stages import PreStage, check_epochs, stage_of
+from kdrun.losses.stages import PreStage, check_epochs, epochs_text, stage_of
 
 ROTATED_VIEWS = Views("rotated copies", 4, rotations, labelled=False)
 VIEWS = ROTATED_VIEWS.count
@@ -106,7 +106,7 @@ class SelfSupervisedKD(Term):
     def describe(self) -> str:
         s = self.settings
         return (f"SSKD({s['kl_weight']:g}*KD(T={s['kl_T']:g}) + {s['ss_weight']:g}*SS(T={s['ss_T']:g}) + "
-                f"{s['tf_weight']:g}*TF(T={s['tf_T']:g}); teacher head trained first, {self.head_epochs} epochs)")
+                f"{s['tf_weight']:g}*TF(T={s['tf_T']:g}); teacher head trained first, {epochs_text(self.head_epochs)})")
 
     def pooled(self, outputs: StepOutputs, side: str) -> torch.Tensor:
         taps = self.student_taps if side == "student" else self.teacher_taps
@@ -116,16 +116,19 @@ class SelfSupervisedKD(Term):
         return [stage_of(self, "sskd_teacher_head", self.head_epochs, 1.0, trains_student=False, symbol="SSKD-head",
                          teacher_only=True)]
 
-    def stage_setup(self, stage: str, probe: StepOutputs) -> None:
-        if self.teacher_head is None:
+    def build_teacher_head(self, probe: StepOutputs) -> None:
+        if self.teacher_head is None:  # else trained by the stage earlier in this run
             teacher = self.pooled(probe, "teacher")
             self.teacher_head = head(teacher.shape[1]).to(teacher.device)
+
+    def stage_setup(self, stage: str, probe: StepOutputs) -> None:
+        self.build_teacher_head(probe)
 
     def stage_loss(self, stage: str, outputs: StepOutputs) -> torch.Tensor:
         return self_supervision_loss(self.teacher_head(self.pooled(outputs, "teacher").detach()))
 
     def setup(self, probe: StepOutputs) -> None:
-        self.stage_setup("", probe)
+        self.build_teacher_head(probe)
         self.teacher_head.requires_grad_(False)
         student = self.pooled(probe, "student")
         self.student_head = head(student.shape[1]).to(student.device)

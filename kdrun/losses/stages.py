@@ -85,6 +85,10 @@ class Initialisation:
         return outputs.student_logits.new_zeros(())
 
 
+def epochs_text(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 def check_epochs(field: str, epochs) -> int:
     """A stage's epoch count from config (``field``, e.g. ``loss.ab.init_epochs``): an integer >= 1."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

@@ -20,7 +20,7 @@ from kdrun.engine.checkpoint import cpu_state, load, save_atomic
 from kdrun.engine.loop import FitResult, FitSpec, Placement, evaluate
 from kdrun.engine.perf import free_bytes
 from kdrun.errors import ConfigError
-from kdrun.losses.stages import PreStage, prestages, recipe_views
+from kdrun.losses.stages import PreStage, epochs_text, prestages, recipe_views
 from kdrun.models.weights import load_weights
 from kdrun.strategies.base import TrainedModel
 
@@ -130,7 +130,8 @@ def pretrain(ctx, name: str, stage: PreStage, distiller: Distiller, ckpt_dir: Pa
             log.info("%s: finished earlier in this run, loaded from %s", title, final)
             return
         held = "; the student is held still" if stage_distiller.holds_student else ""
-        log.info("%s: training for %d epochs before %s's own training (%s%s)", title, stage.epochs, name, stage.recipe, held)
+        log.info("%s: training for %s before %s's own training (%s%s)", title, epochs_text(stage.epochs), name, stage.recipe,
+                 held)
         spec = replace(FitSpec.from_config(student_training(ctx.cfg)), epochs=stage.epochs)
         ctx.fit(stage_distiller, spec, f"{name}.{stage.name}", ckpt_dir, meta, title=title, data=stage_data)
     if distributed.is_main():
