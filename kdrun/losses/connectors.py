@@ -103,9 +103,9 @@ def ofd_margin(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def ofd_partial_l2(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """Heo et al. 2019, Eq. 6 with the margin ReLU target: squared error, except where the student
-    already lies below a teacher response that is at or below the margin; summed over channels
-    and positions, averaged over the batch (mdistiller ``feat_loss``)."""
+    """Heo et al. 2019, Eq. 6: the squared error against the teacher's margin-ReLU response
+    ``max(t, margin)``, skipped where that response is <= 0 and the student already lies below
+    it; summed over channels and positions, averaged over the batch (mdistiller ``feat_loss``)."""
     margin = margin.view(1, -1, *[1] * (student.dim() - 2)).to(student)
     loss = ((student - margin) ** 2 * ((student > margin) & (teacher <= margin)).float()
             + (student - teacher) ** 2 * ((student > teacher) & (teacher > margin) & (teacher <= 0)).float()
