@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
+from kdrun.losses.adapters import pool_to
 
 
 def as_map(feature: torch.Tensor, rank: int = 3) -> torch.Tensor:
@@ -41,12 +42,9 @@ def size_of(feature: torch.Tensor) -> tuple[int, ...]:
 
 def pooled(feature: torch.Tensor, size: tuple[int, ...], kind: str = "avg") -> torch.Tensor:
     """Adaptive average (or max) pooling of a map to ``size``; a map of that size as it is."""
-    if size_of(feature) == tuple(size):
-        return feature
-    rank = feature.dim()
-    if kind == "max":
-        return (F.adaptive_max_pool1d if rank == 3 else F.adaptive_max_pool2d)(feature, size)
-    return (F.adaptive_avg_pool1d if rank == 3 else F.adaptive_avg_pool2d)(feature, size)
+    if kind == "avg" or size_of(feature) == tuple(size):
+        return pool_to(feature, size)
+    return (F.adaptive_max_pool1d if feature.dim() == 3 else F.adaptive_max_pool2d)(feature, size)
 
 
 def smallest(*features: torch.Tensor) -> tuple[int, ...]:
