@@ -21,6 +21,7 @@ from kdrun.engine import checkpoint
 from kdrun.errors import ConfigError
 from kdrun.losses import StepOutputs, WeightedSum
 from kdrun.losses.connectors import ActivationBoundaries, Connector, ofd_margin
+from kdrun.losses.correlations import TopSingular, batch_as_positions, kdsvd_loss
 from kdrun.losses.factor import FactorTransfer
 from kdrun.losses.logit_variants import CurriculumTemperature, MultiLevelKD, below_median, cosine_curriculum
 from kdrun.losses.logits import soft_target_kl
@@ -180,6 +181,36 @@ def test_reviewkd_warmup_and_hcl_by_hand():
 def test_mlkd_masks_scale_by_the_share_at_or_below_the_median():
     assert below_median(torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == 0.5
     assert below_median(torch.tensor([1.0, 1.0, 1.0, 5.0])).item() == 0.75
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 6)])
+def test_top_singular_gradient_equals_pytorch_s_where_that_is_finite(shape):
+    generator = torch.Generator().manual_seed(1)
+    matrices = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weights = torch.randn(shape[0], shape[2], 2, generator=generator, dtype=torch.float64)
+
+    def loss(values, right):  # invariant to the vectors' signs, which the two SVD calls may choose apart
+        return (values * torch.arange(1.0, 3.0, dtype=torch.float64)).sum() + (right[:, :, :2] ** 2 * weights).sum()
+
+    ours = matrices.clone().requires_grad_(True)
+    loss(*TopSingular.apply(ours, 2)).backward()
+    theirs = matrices.clone().requires_grad_(True)
+    _, values, right_h = torch.linalg.svd(theirs, full_matrices=False)
+    loss(values[:, :2], right_h.transpose(1, 2)).backward()
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_kdsvd_gradients_stay_finite_where_singular_values_repeat():
+    # Dead ReLU channels are zero rows: zero singular values repeat, and the SVD's own gradient is 0 * inf there.
+    generator = torch.Generator().manual_seed(0)
+    students = [torch.relu(torch.randn(16, 32, generator=generator)) for _ in range(2)]
+    students[0][:, 10:], students[1][:, 5:] = 0, 0
+    for student in students:
+        student.requires_grad_(True)
+    teachers = [torch.randn(16, 20, generator=generator), torch.randn(16, 24, generator=generator)]
+    loss = kdsvd_loss([batch_as_positions(s) for s in students], [batch_as_positions(t) for t in teachers], 1, 16)
+    loss.backward()
+    assert all(torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0 for s in students)
 
 
 def test_initialisation_terms_are_spent_after_their_stage():

@@ -135,12 +135,47 @@ def finite(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(values), values, torch.zeros_like(values))
 
 
+class TopSingular(torch.autograd.Function):
+    """The top ``count`` singular values and right singular vectors of each matrix ``(rows, cols)``.
+
+    The forward is ``torch.linalg.svd``'s. The backward differentiates only the components used:
+    PyTorch's differentiates all of them and gives ``0 * inf`` wherever unused singular values
+    repeat, as the zeros of dead ReLU channels do. It goes through the Gram matrix ``G = X^T X``
+    (eigenvalues ``s^2``, eigenvectors the right singular vectors): ``dv_i = sum_j v_j (v_j^T dG
+    v_i) / (s_i^2 - s_j^2)`` and ``ds_i = v_i^T dG v_i / (2 s_i)``, summed over the used ``i``
+    only; equal values among them (a level with no signal) pass no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, matrices: torch.Tensor, count: int):
+        _, values, right_h = torch.linalg.svd(matrices, full_matrices=True)
+        right = right_h.transpose(1, 2)
+        eigen = values.new_zeros(right.shape[:2])
+        eigen[:, :values.shape[1]] = values ** 2
+        ctx.save_for_backward(matrices, right, eigen)
+        count = min(count, values.shape[1])
+        return values[:, :count], right[:, :, :count]
+
+    @staticmethod
+    def backward(ctx, grad_values: torch.Tensor, grad_right: torch.Tensor):
+        matrices, right, eigen = ctx.saved_tensors
+        used = grad_right.shape[2]
+        gaps = eigen[:, None, :used] - eigen[:, :, None]  # (B, all j, used i): s_i^2 - s_j^2
+        tolerance = 1e-10 * eigen.amax(dim=1).clamp(min=1e-30)[:, None, None]
+        coupling = torch.where(gaps.abs() > tolerance, 1 / torch.where(gaps == 0, 1.0, gaps), 0.0)
+        mixing = (right.transpose(1, 2) @ grad_right) * coupling
+        values = eigen[:, :used].sqrt()
+        mixing[:, :used] += torch.diag_embed(torch.where(values > 0, grad_values / (2 * values.clamp(min=1e-30)), 0.0))
+        grad_gram = right @ mixing @ right[:, :, :used].transpose(1, 2)
+        return matrices @ (grad_gram + grad_gram.transpose(1, 2)), None
+
+
 def singular_parts(matrices: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` singular values (L2-normalised) and right singular vectors (each
-    normalised) of each ``(rows, cols)`` matrix, non-finite entries zeroed (mdistiller ``svd``)."""
-    _, values, right = torch.linalg.svd(matrices.float(), full_matrices=False)
-    right = finite(right.transpose(1, 2))
-    return F.normalize(finite(values)[:, :count], dim=1), F.normalize(right[:, :, :count], dim=1)
+    normalised) of each ``(rows, cols)`` matrix, non-finite entries zeroed (mdistiller ``svd``),
+    in float32 as there."""
+    values, right = TopSingular.apply(matrices.float(), count)
+    return F.normalize(finite(values), dim=1), F.normalize(finite(right), dim=1)
 
 
 def align_signs(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
