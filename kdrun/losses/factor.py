@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.losses.base import StepOutputs
+from kdrun.losses.base import StepOutputs, one_tap
 from kdrun.losses.features import PairedFeatureTerm
 from kdrun.losses.maps import as_map, batch_norm, conv, conv_transpose, pooled, smallest
 from kdrun.losses.stages import PreStage, check_epochs, epochs_text, stage_of
@@ -70,9 +70,7 @@ class Paraphrased(PairedFeatureTerm):
     paraphraser_norm = False
 
     def __init__(self, student_taps, teacher_taps, rate: float, paraphraser_epochs: int):
-        super().__init__(student_taps, teacher_taps)
-        if len(self.student_taps) != 1:
-            raise ConfigError(f"loss.{self.symbol.lower()} reads one tap per model; got student_taps={list(self.student_taps)}")
+        super().__init__(*one_tap(self.symbol, student_taps, teacher_taps))
         if not 0 < rate <= 1:
             raise ConfigError(f"loss.{self.symbol.lower()}.rate={rate} must be in (0, 1] (the paraphrase rate k)")
         self.rate, self.paraphraser_epochs = float(rate), check_epochs(f"loss.{self.symbol.lower()}.paraphraser_epochs", paraphraser_epochs)
