@@ -242,6 +242,7 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{role}.checkpoint={given} does not exist")
             checkpoint.load(path, f"{role}.checkpoint")
     validate_strategy(cfg)
+    validate_recipe(cfg)
 
 
 def validate_strategy(cfg: DictConfig) -> None:
@@ -251,6 +252,19 @@ def validate_strategy(cfg: DictConfig) -> None:
     if check is not None:
         check(cfg)
     expand_model_lists(cfg)
+
+
+def validate_recipe(cfg: DictConfig) -> None:
+    """The loss terms' own settings (their constructors check them), the schedules they must
+    follow, their pre-stages and views, before anything is written."""
+    if not cfg.get("loss"):
+        return
+    from kdrun.losses.recipe import recipe_from  # kdrun.losses imports this module
+    from kdrun.losses.stages import prestages, recipe_views
+
+    recipe = recipe_from(cfg)
+    prestages(recipe)
+    recipe_views(recipe)
 
 
 def validate_schedule(cfg: DictConfig) -> None:

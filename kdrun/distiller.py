@@ -16,6 +16,7 @@ import torch.nn as nn
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTaps, check_paths
 from kdrun.losses import StepOutputs, WeightedSum
+from kdrun.losses.stages import recipe_views
 from kdrun.tasks import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class Distiller(nn.Module):
     returns ``(total loss, loss parts, scored student logits, their labels)``.
 
     Use as a context manager: feature taps are hooked on entry and removed on exit.
-    ``partial_labels`` says the training data hides some labels (the unlabeled strategy).
+    ``partial_labels`` says the training data hides some labels (the unlabeled strategy); so do
+    views of the inputs whose copies carry no label (:mod:`kdrun.data.views`).
     """
 
     def __init__(self, student: nn.Module, recipe: WeightedSum, task: Task, teacher: nn.Module | None = None,
@@ -74,7 +76,8 @@ class Distiller(nn.Module):
         if check:
             check_recipe(recipe, student, teacher)
         self.student, self.recipe, self.task = student, recipe, task
-        self.partial_labels = partial_labels
+        views = recipe_views(recipe)
+        self.partial_labels = partial_labels or (views is not None and not views.labelled)
         self.teacher_outputs = (
             TeacherOutputs(teacher, recipe.taps("teacher"), task) if teacher is not None and recipe.needs_teacher else None
         )

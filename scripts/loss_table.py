@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import os
+import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -21,9 +24,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 import yaml
 
 from kdrun.reporting.sweep import spread
+# The loss zoo (docs/loss_zoo.md): methods from mdistiller, torchdistill and later logit papers.
+ZOO = ["ab", "ctkd", "cwd", "fsp", "ft", "kdsvd", "ktaad", "mlkd", "nkd", "nst", "ofd", "pad_l2", "reviewkd", "srd", "sskd"]
+MARKERS = ("<!-- loss-table -->", "<!-- /loss-table -->")
 
 # Recipes that need overrides on the default CNN -> MLP pair; each runs as its own sweep.
 PAIR_OVERRIDES = {
@@ -45,26 +52,54 @@ def fmt(values: list[float]) -> str:
     return spread(values)
 
 
+def training_seconds(run_dir: Path) -> float:
+    """The student's training time in a run: its epochs and its pre-stages' (metrics.jsonl ``time_s``)."""
+    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return sum(r["time_s"] for r in rows if r["split"] == "train" and r["model"].split(".")[0] == "student")
+
+
 def table(sweeps: list[Path]) -> str:
-    by_loss: dict[str, list[dict]] = defaultdict(list)
+    by_loss: dict[str, list[tuple[dict, float]]] = defaultdict(list)
     for summary_path in sorted(p for sweep in sweeps for p in sweep.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        by_loss[loss_choice(summary_path.parent)].append(summary)
-    scratch = {s["seed"]: s["scratch"]["test_acc"] for runs in by_loss.values() for s in runs if s.get("scratch")}
+        seconds = training_seconds(summary_path.parent) if summary["status"] == "completed" else 0.0
+        by_loss[loss_choice(summary_path.parent)].append((summary, seconds))
+    scratch = {s["seed"]: s["scratch"]["test_acc"] for runs in by_loss.values() for s, _ in runs if s.get("scratch")}
     if not scratch:
         raise SystemExit(f"error: no finished jobs with a scratch baseline under {', '.join(map(str, sweeps))}")
-    rows = ["| recipe | formula | test acc % (mean ± std) | gain over scratch | seeds |", "|---|---|---|---|---|"]
-    rows.append(f"| scratch (labels only) | L = 1*CE | {fmt(list(scratch.values()))} | 0 | {len(scratch)} |")
+    rows = ["| recipe | formula | test acc % (mean ± std) | gain over scratch | train s | seeds |", "|---|---|---|---|---|---|"]
+    rows.append(f"| scratch (labels only) | L = 1*CE | {fmt(list(scratch.values()))} | 0 | | {len(scratch)} |")
     order = sorted(by_loss, key=lambda name: (name != "kd", name))
     for name in order:
-        runs = [s for s in by_loss[name] if s["status"] == "completed"]
+        runs = [(s, seconds) for s, seconds in by_loss[name] if s["status"] == "completed"]
         if not runs:
-            rows.append(f"| {name} | | failed: {by_loss[name][0].get('error')} | | 0 |")
+            rows.append(f"| {name} | | failed: {by_loss[name][0][0].get('error')} | | | 0 |")
             continue
-        accs = [s["student"]["test_acc"] for s in runs]
-        gains = [s["student"]["test_acc"] - scratch[s["seed"]] for s in runs]
-        rows.append(f"| {name} | `{runs[0]['recipe']}` | {fmt(accs)} | {statistics.mean(gains):+.2f} | {len(runs)} |")
+        accs = [s["student"]["test_acc"] for s, _ in runs]
+        gains = [s["student"]["test_acc"] - scratch[s["seed"]] for s, _ in runs]
+        seconds = statistics.mean(seconds for _, seconds in runs)
+        rows.append(f"| {name} | `{runs[0][0]['recipe']}` | {fmt(accs)} | {statistics.mean(gains):+.2f} | {seconds:.0f} | "
+                    f"{len(runs)} |")
     return "\n".join(rows)
+
+
+def provenance(sweeps: list[Path]) -> str:
+    """The line above a written table: how to regenerate it, and what measured it."""
+    first = json.loads(next(p for sweep in sweeps for p in sorted(sweep.glob("*/summary.json"))).read_text())
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
+    versions = first["versions"]
+    return (f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: kdrun {versions['kdrun']}, torch {versions['torch']}, "
+            f"{torch.get_num_threads()} thread(s) per process, {platform.machine()} CPU ({os.cpu_count()} cores).")
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the table markers in ``path`` with ``text``."""
+    page = path.read_text()
+    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
+    if not pattern.search(page):
+        raise SystemExit(f"error: {path} has no {MARKERS[0]} ... {MARKERS[1]} block to write the table into")
+    path.write_text(pattern.sub(lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", page))
 
 
 def main() -> int:
@@ -72,10 +107,12 @@ def main() -> int:
     parser.add_argument("--only", type=Path, nargs="+", help="finished sweep directories: print their table, run nothing")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--losses", default=None, help="comma-separated recipes (default: every conf/loss option)")
+    parser.add_argument("--zoo", action="store_true", help="the zoo's recipes and kd (docs/loss_zoo.md)")
+    parser.add_argument("--write", type=Path, help="a markdown file whose loss-table block receives the table")
     args, kdrun_args = parser.parse_known_args()
     sweeps = args.only
     if sweeps is None:
-        chosen = args.losses.split(",") if args.losses else loss_options()
+        chosen = args.losses.split(",") if args.losses else ["kd", *ZOO] if args.zoo else loss_options()
         plain = [name for name in chosen if name not in PAIR_OVERRIDES]
         groups = ([(",".join(plain), [])] if plain else []) + [
             (name, PAIR_OVERRIDES[name]) for name in chosen if name in PAIR_OVERRIDES
@@ -88,7 +125,10 @@ def main() -> int:
                        f"hydra.sweep.dir={sweeps[-1]}", *overrides, *kdrun_args]
             print("$", " ".join(command), flush=True)
             subprocess.run(command, check=False)
-    print(table(sweeps))
+    result = table(sweeps)
+    print(result)
+    if args.write:
+        write_between_markers(args.write, f"{provenance(sweeps)}\n\n{result}")
     return 0
 
 

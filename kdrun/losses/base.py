@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,10 @@ import torch.nn as nn
 from kdrun.errors import ConfigError
 from kdrun.features import GROUP_ALIASES
 from kdrun.tasks.base import IGNORE
+
+if TYPE_CHECKING:
+    from kdrun.data.views import Views
+    from kdrun.losses.stages import PreStage
 
 
 @dataclass
@@ -75,6 +80,10 @@ class Term(nn.Module):
     ``knobs`` names the constructor settings that may change during training (a schedule of
     ``T`` reaches ``SoftTargets.T`` through ``T: ${T}`` in the YAML). The recipe passes new
     values with :meth:`set_knob`; a setting not listed there cannot follow a schedule.
+
+    ``views`` asks the data pipeline for transformed copies of each training sample
+    (:mod:`kdrun.data.views`), and :meth:`prestages` names stages trained before the run's
+    own training (a paraphraser, an initialisation; :mod:`kdrun.losses.stages`).
     """
 
     symbol = "TERM"
@@ -84,6 +93,7 @@ class Term(nn.Module):
     knobs: tuple[str, ...] = ()
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
+    views: Views | None = None
 
     def __init__(self):
         super().__init__()
@@ -118,6 +128,11 @@ class Term(nn.Module):
 
     def setup(self, probe: StepOutputs) -> None:
         """Build adapters from the shapes in ``probe``; most terms have none."""
+
+    def prestages(self, weight: float) -> list[PreStage]:
+        """Stages this term trains before the run's own training (``weight``: the term's weight
+        in the recipe, for a stage that takes the term's place); most terms have none."""
+        return []
 
     def forward(self, outputs: StepOutputs) -> torch.Tensor:
         raise NotImplementedError

@@ -1,10 +1,12 @@
-"""What strategies share: training a distiller as one model of the run, stages that resume,
-the exported student."""
+"""What strategies share: training a distiller as one model of the run, stages that resume
+(a model's own, and the pre-stages its recipe trains first), the exported student."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -13,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import teacher_cache
 from kdrun.distiller import Distiller
 from kdrun.engine import distributed
-from kdrun.engine.checkpoint import cpu_state, save_atomic
+from kdrun.data.views import with_views
+from kdrun.engine.checkpoint import cpu_state, load, save_atomic
 from kdrun.engine.loop import FitResult, FitSpec, Placement, evaluate
 from kdrun.engine.perf import free_bytes
+from kdrun.errors import ConfigError
+from kdrun.losses.stages import PreStage, epochs_text, prestages, recipe_views
 from kdrun.models.weights import load_weights
 from kdrun.strategies.base import TrainedModel
 
@@ -55,18 +60,84 @@ def distill(ctx, name: str, distiller: Distiller, *, role: str, arch: str, ckpt_
 
 def train(ctx, name: str, distiller: Distiller, *, arch: str, ckpt_dir: Path, title: str, data=None,
           meta: dict | None = None) -> FitResult:
-    """Fit ``distiller`` with the students' training config: the teacher-output cache where it
-    applies, sample indices where the recipe needs them, adapters sized from a probe batch."""
-    data = teacher_cache.install(distiller, data or ctx.data, ctx.perf.teacher_cache_setting, free_bytes(ctx.device), title)
+    """Fit ``distiller`` with the students' training config, after the stages its recipe trains
+    first (:func:`pretrain`), on the data as the recipe reads it (:func:`prepare`)."""
+    meta = meta or run_meta(ctx, arch)
+    for stage in prestages(distiller.recipe):
+        pretrain(ctx, name, stage, distiller, ckpt_dir / stage.name, title=f"{title} {stage.name}", data=data, meta=meta)
+    data = prepare(ctx, distiller, data or ctx.data, title)
+    log.info("%s: training %s (%s)", title, arch, distiller.recipe)
+    return ctx.fit(distiller, FitSpec.from_config(student_training(ctx.cfg)), name, ckpt_dir, meta, title=title, data=data)
+
+
+def prepare(ctx, distiller: Distiller, data, title: str):
+    """``data`` as ``distiller``'s recipe reads it (teacher-output cache where it applies, sample
+    indices, views of each sample), with the recipe's adapters sized from a probe batch."""
+    views = recipe_views(distiller.recipe)
+    cache = ctx.perf.teacher_cache_setting
+    if views is not None and cache is True:
+        raise ConfigError(f"perf.teacher_cache=true, but the recipe trains on {views.name} of each sample, which the "
+                          "teacher sees anew every step; set perf.teacher_cache=auto or false")
+    data = teacher_cache.install(distiller, data, False if views else cache, free_bytes(ctx.device), title)
     for warning in distiller.recipe.bind_data(len(data.train_set)):
         ctx.warn_once(warning)
     if distiller.recipe.needs_index:
         data = data.indexed()
+    if views is not None:
+        data = with_views(data, views)
     distiller.to(ctx.device)
     distiller.setup(Placement(ctx.task, ctx.device)(next(iter(data.train))))
-    log.info("%s: training %s (%s)", title, arch, distiller.recipe)
-    return ctx.fit(distiller, FitSpec.from_config(student_training(ctx.cfg)), name, ckpt_dir, meta or run_meta(ctx, arch),
-                   title=title, data=data)
+    return data
+
+
+class StageDistiller(Distiller):
+    """The distiller of a pre-stage of ``distiller``: same student, teacher and task, the stage's
+    recipe. A stage that does not train the student keeps it in eval mode (its batch-norm
+    statistics untouched); :func:`held_still` keeps it out of the optimizer."""
+
+    def __init__(self, distiller: Distiller, stage: PreStage):
+        super().__init__(distiller.student, stage.recipe, distiller.task, distiller.teacher,
+                         partial_labels=distiller.partial_labels)
+        self.holds_student = not stage.trains_student
+
+    def train(self, mode: bool = True) -> StageDistiller:
+        super().train(mode)
+        if self.holds_student:
+            self.student.eval()
+        return self
+
+
+@contextmanager
+def held_still(model: nn.Module, hold: bool):
+    """While ``hold``, ``model``'s parameters need no gradient (so no optimizer takes them)."""
+    flags = [param.requires_grad for param in model.parameters()]
+    if hold:
+        model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+def pretrain(ctx, name: str, stage: PreStage, distiller: Distiller, ckpt_dir: Path, *, title: str, data, meta: dict) -> None:
+    """Train ``stage`` of ``distiller``'s recipe in ``ckpt_dir``: a stage that finished earlier in
+    this run is loaded from its ``final.pt``; one stopped half-way carries on from its ``last.pt``."""
+    stage_distiller = StageDistiller(distiller, stage)
+    final = ckpt_dir / "final.pt"
+    with held_still(distiller.student, stage_distiller.holds_student):
+        stage_data = prepare(ctx, stage_distiller, data or ctx.data, title)
+        if final.exists():
+            stage_distiller.load_state_dict(load(final, f"{title} final checkpoint")["distiller"])
+            log.info("%s: finished earlier in this run, loaded from %s", title, final)
+            return
+        held = "; the student is held still" if stage_distiller.holds_student else ""
+        log.info("%s: training for %s before %s's own training (%s%s)", title, epochs_text(stage.epochs), name, stage.recipe,
+                 held)
+        spec = replace(FitSpec.from_config(student_training(ctx.cfg)), epochs=stage.epochs)
+        ctx.fit(stage_distiller, spec, f"{name}.{stage.name}", ckpt_dir, meta, title=title, data=stage_data)
+    if distributed.is_main():
+        save_atomic({"distiller": cpu_state(stage_distiller), "stage": stage.name, "epochs": stage.epochs}, final)
 
 
 def finish(ctx, name: str, model: nn.Module, role: str, arch: str, ckpt_dir: Path, *, epochs: int,

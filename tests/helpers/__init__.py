@@ -27,6 +27,16 @@ FAST = [
 ]
 
 
+# The loss zoo (tests/test_loss_zoo.py runs each on the embedded default, CIFAR and ImageNet shapes),
+# and the settings that shorten its pre-stages to one epoch.
+ZOO_LOSSES = ("ab", "ctkd", "cwd", "fsp", "ft", "kdsvd", "ktaad", "mlkd", "nkd", "nst", "ofd", "pad_l2", "reviewkd", "srd", "sskd")
+ZOO_STAGES = {
+    "ab": ("ab_init", "loss.ab.init_epochs"), "fsp": ("fsp_init", "loss.fsp.init_epochs"),
+    "ft": ("ft_paraphraser", "loss.ft.paraphraser_epochs"), "ktaad": ("ktaad_paraphraser", "loss.ktaad.paraphraser_epochs"),
+    "sskd": ("sskd_teacher_head", "loss.sskd.head_epochs"),
+}
+
+
 def make_cfg(*overrides: str) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
