@@ -55,6 +55,9 @@ def test_experiment_has_mdistillers_imagenet_recipe_and_published_numbers(experi
                                                "loss.crd.weight": 0.8, "loss.crd.nce_k": 16384}),
         ("imagenet_resnet50_mobilenetv1", "crd", {"dataset.batch_size": 256, "loss.crd.student_taps": "embedding",
                                                   "loss.crd.teacher_taps": "avgpool"}),
+        ("imagenet_resnet50_mobilenetv1", "reviewkd", {"loss.reviewkd.weight": 8.0, "loss.reviewkd.warmup_epochs": 1,
+                                                       "dataset.batch_size": 256, "optim.lr": 0.1}),
+        ("imagenet_resnet50_mobilenetv1", "ofd", {"loss.ofd.weight": 1.0e-4, "dataset.batch_size": 128, "optim.lr": 0.05}),
         ("imagenet_resnet34_resnet18", "kd", {"loss.kd.T": 1, "loss.kd.weight": 0.5, "loss.ce.weight": 0.5, "dataset.batch_size": 512}),
     ],
 )
@@ -88,7 +91,7 @@ def test_mobilenetv1_runs_a_step_on_cifar_shaped_data(tmp_path):
 
 @pytest.mark.slow  # a ResNet34/50 teacher and its student on 224x224 images, on the CPU
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
-@pytest.mark.parametrize("loss", ["kd", "at", "dkd", "crd"])
+@pytest.mark.parametrize("loss", ["kd", "at", "dkd", "crd", "ofd", "reviewkd"])
 def test_experiment_runs_one_step_on_imagenet_shaped_data(experiment, loss, tmp_path):
     overrides = [f"experiment={experiment}", f"loss={loss}", *FAKE_IMAGENET, "teacher.checkpoint=null", "loss.crd.nce_k=2"]
     if loss != "crd":

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,7 +18,7 @@ from kdrun.distiller import Distiller
 from kdrun.engine import distributed
 from kdrun.data.views import with_views
 from kdrun.engine.checkpoint import cpu_state, load, save_atomic
-from kdrun.engine.loop import FitResult, FitSpec, Placement, evaluate
+from kdrun.engine.loop import FitResult, FitSpec, Placement, epoch_seed, evaluate
 from kdrun.engine.perf import free_bytes
 from kdrun.errors import ConfigError
 from kdrun.losses.stages import PreStage, epochs_text, prestages, recipe_views
@@ -65,14 +66,16 @@ def train(ctx, name: str, distiller: Distiller, *, arch: str, ckpt_dir: Path, ti
     meta = meta or run_meta(ctx, arch)
     for stage in prestages(distiller.recipe):
         pretrain(ctx, name, stage, distiller, ckpt_dir / stage.name, title=f"{title} {stage.name}", data=data, meta=meta)
-    data = prepare(ctx, distiller, data or ctx.data, title)
+    data = prepare(ctx, distiller, data or ctx.data, title, stream=name)
     log.info("%s: training %s (%s)", title, arch, distiller.recipe)
     return ctx.fit(distiller, FitSpec.from_config(student_training(ctx.cfg)), name, ckpt_dir, meta, title=title, data=data)
 
 
-def prepare(ctx, distiller: Distiller, data, title: str):
+def prepare(ctx, distiller: Distiller, data, title: str, stream: str):
     """``data`` as ``distiller``'s recipe reads it (teacher-output cache where it applies, sample
-    indices, views of each sample), with the recipe's adapters sized from a probe batch."""
+    indices, views of each sample), with the recipe's adapters sized from a probe batch. The
+    adapters' initial weights come from (seed, ``stream``) alone, so they are the same whether the
+    teacher was trained in this process or loaded from the cache."""
     views = recipe_views(distiller.recipe)
     cache = ctx.perf.teacher_cache_setting
     if views is not None and cache is True:
@@ -86,6 +89,7 @@ def prepare(ctx, distiller: Distiller, data, title: str):
     if views is not None:
         data = with_views(data, views)
     distiller.to(ctx.device)
+    torch.manual_seed(epoch_seed(int(ctx.cfg.seed), stream, 0))
     distiller.setup(Placement(ctx.task, ctx.device)(next(iter(data.train))))
     return data
 
@@ -126,7 +130,7 @@ def pretrain(ctx, name: str, stage: PreStage, distiller: Distiller, ckpt_dir: Pa
     stage_distiller = StageDistiller(distiller, stage)
     final = ckpt_dir / "final.pt"
     with held_still(distiller.student, stage_distiller.holds_student):
-        stage_data = prepare(ctx, stage_distiller, data or ctx.data, title)
+        stage_data = prepare(ctx, stage_distiller, data or ctx.data, title, stream=f"{name}.{stage.name}")
         if final.exists():
             stage_distiller.load_state_dict(load(final, f"{title} final checkpoint")["distiller"])
             log.info("%s: finished earlier in this run, loaded from %s", title, final)
