@@ -34,7 +34,7 @@ from kdrun.run import run
 from kdrun.strategies.common import StageDistiller, held_still
 from kdrun.tasks.classification import Classification
 
-REFERENCE = Path(__file__).parent / "data" / "reference"
+REFERENCE = Path(__file__).parent / "data" / "reference" / "zoo"
 
 
 def fixture(name: str) -> dict:
