@@ -91,7 +91,8 @@ class Student(nn.Module):
 
     def __init__(self, model: nn.Module, preprocess, summary: dict[str, Any], config: DictConfig):
         super().__init__()
-        self.model, self.preprocess, self.summary, self.config = model.eval(), preprocess, summary, config
+        self.model, self.preprocess, self.summary, self.config = model, preprocess, summary, config
+        self.eval()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)

@@ -30,7 +30,7 @@ def test_defaults_and_top_level_knobs():
 
 def test_sweepable_knobs_reach_the_recipe():
     cfg = make_cfg("T=2", "alpha=0.25")
-    assert str(build_recipe(cfg.loss)) == "L = 0.75*CE + 0.25*KD(T=2)"
+    assert str(build_recipe(cfg.loss)) == "L = 0.75*CE + 0.25*KD(T=2) + 100*FitNet(last_stage->last_stage)"
 
 
 # Per-sample shapes each model family must accept.

@@ -68,4 +68,4 @@ def test_temperature_study_is_one_command_with_a_table_and_a_plot(tmp_path):
     table = (sweep / "summary.md").read_text()
     assert "| 1 |" in table and "| 16 |" in table
     alphas = {read_summary(job)["recipe"] for job in sweep.iterdir() if (job / "summary.json").exists()}
-    assert alphas == {"L = 0.1*CE + 0.9*KD(T=1)", "L = 0.1*CE + 0.9*KD(T=16)"}
+    assert alphas == {f"L = 0.1*CE + 0.9*KD(T={T}) + 100*FitNet(last_stage->last_stage)" for T in (1, 16)}

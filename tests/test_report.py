@@ -192,7 +192,7 @@ def test_failed_jobs_do_not_stop_the_sweep_and_the_report_lists_them(tmp_path):
     # lr=1e30 makes the loss non-finite (TrainingError, in two jobs); the others are fine.
     sweep = tmp_path / "sweep"
     result = kdrun_cli(
-        "-m", "alpha=0.9,0.5", "optim.lr=1e30,0.01", "loss=ce", "optim=sgd", *FAST, "epochs=1", "scratch=false",
+        "-m", "alpha=0.9,0.5", "optim.lr=1e30,0.01", "optim=sgd", *FAST, "loss=ce", "epochs=1", "scratch=false",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr  # a failed job's exit status

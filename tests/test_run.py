@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from helpers import FAST, make_cfg, read_metrics, read_summary
+from helpers import DEFAULT_JOB_FAST, FAST, make_cfg, read_metrics, read_summary
 from kdrun.engine import checkpoint
 from kdrun.errors import ConfigError, TrainingError
 from kdrun.losses import StepOutputs, Term
@@ -17,7 +17,7 @@ SUMMARY_KEYS = {"status", "strategy", "student", "teacher", "scratch", "wall_tim
 
 
 def test_default_job_writes_the_run_directory_contract(tmp_path):
-    summary = run(make_cfg(*FAST), tmp_path)
+    summary = run(make_cfg(*DEFAULT_JOB_FAST), tmp_path)
     assert summary == read_summary(tmp_path)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["status"] == "completed" and summary["error"] is None
@@ -35,19 +35,20 @@ def test_default_job_writes_the_run_directory_contract(tmp_path):
     assert figures["speedup"] > 0
     for name in ("config_resolved.yaml", "kdrun.log", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (tmp_path / name).is_file(), name
-    assert "L = 0.1*CE + 0.9*KD(T=4)" in (tmp_path / "kdrun.log").read_text()
-    assert summary["recipe_weights"] == {"ce": pytest.approx(0.1), "kd": pytest.approx(0.9)}
-    assert set(summary["loss_parts"]) == {"loss/ce", "loss/kd"}
+    assert "L = 0.1*CE + 0.9*KD(T=4) + 100*FitNet(last_stage->last_stage)" in (tmp_path / "kdrun.log").read_text()
+    assert summary["recipe_weights"] == {"ce": pytest.approx(0.1), "kd": pytest.approx(0.9), "fitnet": 100}
+    assert set(summary["loss_parts"]) == {"loss/ce", "loss/kd", "loss/fitnet"}
 
     rows = read_metrics(tmp_path)
     train_rows = [r for r in rows if r["model"] == "student" and r["split"] == "train"]
     assert [r["epoch"] for r in train_rows] == [1, 2]
-    assert {"acc", "loss", "loss/ce", "loss/kd", "lr"} <= set(train_rows[0])
+    assert {"acc", "loss", "loss/ce", "loss/kd", "loss/fitnet", "lr"} <= set(train_rows[0])
     assert {(r["model"], r["split"]) for r in rows} >= {("student", "val"), ("student", "test"), ("teacher", "test"), ("scratch", "test")}
 
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and {"distiller", "optimizer", "scheduler", "rng", "config"} <= set(last)
-    assert {key.split(".")[0] for key in last["distiller"]} == {"student"}  # KD has no adapters; no teacher weights
+    assert {key.split(".")[0] for key in last["distiller"]} == {"student", "recipe"}  # the FitNet regressor; no teacher
+    assert any(key.startswith("recipe.terms.fitnet.regressor") for key in last["distiller"])
     best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
     assert best["val_acc"] == summary["student"]["best_val_acc"]
     assert set(best) >= {"model", "arch"} and "recipe" not in best  # the exported student has no adapters

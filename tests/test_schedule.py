@@ -83,8 +83,8 @@ def test_a_scheduled_setting_the_term_cannot_change_is_refused():
 @pytest.mark.parametrize(
     ("overrides", "formula"),
     [
-        (["schedule.T.kind=linear", "schedule.T.start=10", "schedule.T.end=1"], "L = 0.1*CE + 0.9*KD(T: linear 10->1)"),
-        (["schedule.alpha.kind=linear", "schedule.alpha.start=0.5", "schedule.alpha.end=1"],
+        (["loss=kd", "schedule.T.kind=linear", "schedule.T.start=10", "schedule.T.end=1"], "L = 0.1*CE + 0.9*KD(T: linear 10->1)"),
+        (["loss=kd", "schedule.alpha.kind=linear", "schedule.alpha.start=0.5", "schedule.alpha.end=1"],
          "L = (1-alpha)*CE + alpha*KD(T=4); alpha: linear 0.5->1"),
         (["loss=dist", "schedule.T.kind=step", "schedule.T.start=8", "schedule.T.end=2", "schedule.T.per=stage"],
          "L = 1*CE + 2*DIST(b=1,g=1,tau: step 8->2 in 3 steps per stage)"),
