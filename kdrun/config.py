@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdrun.engine import checkpoint, perf as fast_paths
 from kdrun.engine.schedule import RAMPS
 from kdrun.errors import ConfigError, KdrunError
+from kdrun.tasks import language
 
 
 def job_dir(number, overrides: str = "") -> str:
@@ -126,6 +127,7 @@ def check_finite_tree(node, where: str) -> None:
 OPTIMIZE_METRICS = (
     "student.test_acc", "student.best_val_acc", "figures.gain", "figures.retention", "figures.compression",
     "figures.speedup", "teacher.test_acc", "scratch.test_acc",
+    "student.test_ppl", "student.best_val_ppl", "teacher.test_ppl", "scratch.test_ppl",
 )
 
 
@@ -227,6 +229,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
     fast_paths.validate(cfg)
+    language.check_config(cfg)
     validate_schedule(cfg)
     resolve_device(str(cfg.device))
     for role in ("teacher", "student"):

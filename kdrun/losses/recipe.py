@@ -67,6 +67,10 @@ class WeightedSum(nn.Module):
         paths = (path for term in self.terms.values() for path in getattr(term, f"{side}_taps"))
         return list(dict.fromkeys(paths))
 
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        for term in self.terms.values():
+            term.bind(student, teacher)
+
     def setup(self, probe: StepOutputs) -> None:
         for term in self.terms.values():
             term.setup(probe)

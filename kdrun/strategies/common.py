@@ -16,6 +16,7 @@ from kdrun.engine import distributed
 from kdrun.engine.checkpoint import cpu_state, save_atomic
 from kdrun.engine.loop import FitResult, FitSpec, Placement, evaluate
 from kdrun.engine.perf import free_bytes
+from kdrun.errors import ConfigError
 from kdrun.models.weights import load_weights
 from kdrun.strategies.base import TrainedModel
 
@@ -110,3 +111,14 @@ def export_student(ctx, chosen: TrainedModel) -> None:
         shutil.copyfile(best, tmp)
         tmp.replace(target)
 
+
+
+def start_from_teacher(student: nn.Module, teacher: TrainedModel | None) -> None:
+    """``student.init=teacher``: the student starts from the teacher's layers (DistilBERT)."""
+    from kdrun.models.language import init_from_teacher
+
+    if teacher is None:
+        raise ConfigError("student.init=teacher needs a teacher, but the loss recipe uses none")
+    taken = init_from_teacher(student, teacher.model)
+    log.info("student: initialised from the teacher's embeddings, head and blocks %s (1-based)",
+             ", ".join(str(i + 1) for i in taken))
