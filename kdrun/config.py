@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.engine import checkpoint, perf as fast_paths
@@ -36,8 +36,23 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("one_minus", lambda x: round(1.0 - float(x), 12))
     if not OmegaConf.has_resolver("job_dir"):
         OmegaConf.register_new_resolver("job_dir", job_dir)
+    if not OmegaConf.has_resolver("optimize_direction"):
+        OmegaConf.register_new_resolver("optimize_direction", optimize_direction)
+        OmegaConf.register_new_resolver("task_select", lambda task_target: get_class(str(task_target)).select)
     if not OmegaConf.has_resolver("if_set"):
         OmegaConf.register_new_resolver("if_set", lambda value, when_set, otherwise: otherwise if value in (None, "") else when_set)
+
+
+def optimize_direction(metric: str, task_target: str) -> str:
+    """``maximize`` or ``minimize``: how a sweeper treats ``optimize_metric`` under the task whose
+    class is ``task_target`` (perplexity and loss go down; figures are signed so that up is better)."""
+    section, _, key = str(metric).rpartition(".")
+    name = key.removeprefix("best_val_").removeprefix("test_")
+    if section != "figures":
+        for task_metric in get_class(str(task_target)).metrics:
+            if task_metric.name == name:
+                return "maximize" if task_metric.higher_is_better else "minimize"
+    return "maximize"
 
 
 def instantiate_user(cfg, what: str, **kwargs):

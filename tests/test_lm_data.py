@@ -211,3 +211,19 @@ LM = ["dataset=lm_stdlib", "task=causal_lm", "teacher=gpt2_tiny", "student=gpt2_
 def test_bad_lm_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         validate(make_cfg(*LM, *overrides))
+
+
+def test_optuna_minimises_perplexity_and_maximises_accuracy():
+    import importlib.resources
+
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(importlib.resources.files("kdrun.conf")), version_base="1.3"):
+        classification = compose(config_name="train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+        language = compose(config_name="train", overrides=["hparams_search=optuna", "experiment=lm_tiny"],
+                           return_hydra_config=True)
+    assert (classification.optimize_metric, classification.hydra.sweeper.direction) == ("student.best_val_acc", "maximize")
+    assert (language.optimize_metric, language.hydra.sweeper.direction) == ("student.best_val_ppl", "minimize")
