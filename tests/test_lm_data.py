@@ -207,6 +207,11 @@ LM = ["dataset=lm_stdlib", "task=causal_lm", "teacher=gpt2_tiny", "student=gpt2_
     (["dataset=lm_files", "dataset.source.paths=[/no/such.txt]"], "/no/such.txt does not exist"),
     (["strategy=sequence", "strategy.prompt_tokens=64"], "strategy.prompt_tokens=64"),
     (["strategy=on_policy", "strategy.lmbda=2"], "strategy.lmbda=2"),
+    (["strategy=ensemble"], "strategy=ensemble does not work with language models"),
+    (["strategy=self"], "strategy=self does not work with language models"),
+    (["strategy=unlabeled"], "strategy=unlabeled does not work with language models"),
+    (["strategy=online"], "strategy=online does not work with language models"),
+    (["task=masked_lm", "teacher=bert_tiny", "student=bert_student", "strategy=sequence"], "needs task=causal_lm"),
 ])
 def test_bad_lm_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

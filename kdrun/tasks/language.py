@@ -233,3 +233,10 @@ def _check_text_source(source) -> None:
         for path in [paths] if isinstance(paths, str) else list(paths):
             if not Path(os.path.expanduser(str(path))).is_file():
                 raise ConfigError(f"dataset.source.paths: {path} does not exist (give text or .jsonl files)")
+
+
+def refuse(cfg, strategy: str, why: str) -> None:
+    """A strategy that does not apply to language models says so in one line."""
+    if TASK_KINDS.get(str(cfg.task.get("_target_"))) is not None:
+        raise ConfigError(f"strategy={strategy} does not work with language models: {why}; use offline, sequence, "
+                          "on_policy, progressive, born_again or teacher")
