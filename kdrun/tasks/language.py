@@ -17,16 +17,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.tasks.base import IGNORE, Batch, Metric, Task
+from kdrun.tasks.base import IGNORE, Batch, Metric
+from kdrun.tasks.classification import Classification
 
 log = logging.getLogger(__name__)
 
 
-class LanguageModelling(Task):
-    """What causal and masked LM share: metrics, model calls, the run's tokenizer."""
+class LanguageModelling(Classification):
+    """What causal and masked LM share: metrics, model calls, the run's tokenizer. A scored item is
+    a token with its label, so the statistics are a classifier's (token accuracy, summed
+    cross-entropy) and perplexity is ``exp`` of the mean cross-entropy."""
 
     metrics = (
         Metric("ppl", higher_is_better=False, title="ppl"),
@@ -68,19 +70,10 @@ class LanguageModelling(Task):
         keep = labels != IGNORE
         return logits[keep], labels[keep]
 
-    def sums(self, logits: torch.Tensor, labels: torch.Tensor, train: bool = False) -> dict[str, torch.Tensor]:
-        scored = labels != IGNORE
-        sums = {"correct": ((logits.detach().argmax(1) == labels) & scored).sum(), "count": scored.sum()}
-        if not train:  # in training the recipe's total is the loss
-            sums["nll"] = F.cross_entropy(logits.detach().float(), labels, ignore_index=IGNORE, reduction="sum").double()
-        return sums
-
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
-        count = max(sums["count"], 1)
-        metrics = {"acc": 100.0 * sums["correct"] / count}
-        if "nll" in sums:
-            metrics["loss"] = sums["nll"] / count
-            metrics["ppl"] = math.exp(min(metrics["loss"], 700.0))
+        metrics = super().finish(sums)
+        if "loss" in metrics:
+            metrics["ppl"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows beyond ~709
         return metrics
 
 
