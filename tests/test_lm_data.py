@@ -232,3 +232,12 @@ def test_optuna_minimises_perplexity_and_maximises_accuracy():
                            return_hydra_config=True)
     assert (classification.optimize_metric, classification.hydra.sweeper.direction) == ("student.best_val_acc", "maximize")
     assert (language.optimize_metric, language.hydra.sweeper.direction) == ("student.best_val_ppl", "minimize")
+
+
+def test_teacher_and_student_with_different_vocabularies_are_refused():
+    from kdrun.distiller import check_recipe
+    from kdrun.losses.recipe import build_recipe
+
+    recipe = build_recipe({"kd": {"weight": 1.0, "_target_": "kdrun.losses.tokens.ForwardKL"}})
+    with pytest.raises(ConfigError, match="different vocabularies"):
+        check_recipe(recipe, causal_lm(50, (8,), layers=1, width=8, heads=1), causal_lm(60, (8,), layers=1, width=8, heads=1))

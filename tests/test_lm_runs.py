@@ -120,3 +120,14 @@ def test_lm_run_on_two_cpu_processes(tmp_path):
     assert summary["status"] == "completed" and math.isfinite(summary["student"]["test_ppl"])
     single = run(make_cfg(*overrides[:-1]), tmp_path / "single")
     assert summary["student"]["test_ppl"] == pytest.approx(single["student"]["test_ppl"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_sequence_kd_caches_the_teachers_generations_across_runs(tmp_path):
+    overrides = tiny(tmp_path, "strategy=sequence", "strategy.prompt_tokens=4", "loss=ce", "seed=31")
+    first = run(make_cfg(*overrides), tmp_path / "first")
+    second = run(make_cfg(*overrides), tmp_path / "second")
+    assert "caching in" in (tmp_path / "first" / "kdrun.log").read_text()
+    assert "reusing the teacher's cached generations" in (tmp_path / "second" / "kdrun.log").read_text()
+    assert first["sequence_kd"]["blocks"] == second["sequence_kd"]["blocks"] > 0
+    assert first["student"]["test_ppl"] == second["student"]["test_ppl"]
