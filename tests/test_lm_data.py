@@ -241,3 +241,20 @@ def test_teacher_and_student_with_different_vocabularies_are_refused():
     recipe = build_recipe({"kd": {"weight": 1.0, "_target_": "kdrun.losses.tokens.ForwardKL"}})
     with pytest.raises(ConfigError, match="different vocabularies"):
         check_recipe(recipe, causal_lm(50, (8,), layers=1, width=8, heads=1), causal_lm(60, (8,), layers=1, width=8, heads=1))
+
+
+def test_a_pretrained_model_directory_loads_locally_and_must_fit_the_data(tmp_path):
+    from kdrun.models.language import pretrained
+
+    torch.manual_seed(0)
+    saved = causal_lm(50, (16,), layers=1, heads=1, width=8)
+    saved.save_pretrained(str(tmp_path / "model"))
+    loaded = pretrained(50, (16,), path=str(tmp_path / "model"))
+    ids = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(loaded(input_ids=ids).logits, saved.eval()(input_ids=ids).logits, atol=1e-6)
+    with pytest.raises(ConfigError, match="predicts 50 tokens but the dataset's tokenizer has 60"):
+        pretrained(60, (16,), path=str(tmp_path / "model"))
+    with pytest.raises(ConfigError, match="block_size=32 is beyond"):
+        pretrained(50, (32,), path=str(tmp_path / "model"))
+    with pytest.raises(ConfigError, match="no config.json"):
+        pretrained(50, (16,), path=str(tmp_path))
