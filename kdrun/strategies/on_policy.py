@@ -43,9 +43,10 @@ class OnPolicyDistiller(Distiller):
         ids = batch.inputs["input_ids"]
         prompts = ids[:, : self.prompt_tokens]
         continued = generate(self.student, prompts, ids.shape[1] - self.prompt_tokens, temperature=self.temperature)
-        labels = continued.clone()
-        labels[:, self.prompt_tokens:] = IGNORE  # sampled tokens are no labels (the task shifts them: t scores t+1)
-        return replace(batch, inputs={"input_ids": continued}, labels=labels, index=None)
+        # Sampled tokens are no labels; the prompt keeps its own (IGNORE at padding).
+        labels = torch.full_like(continued, IGNORE)
+        labels[:, : self.prompt_tokens] = batch.labels[:, : self.prompt_tokens]
+        return replace(batch, inputs={"input_ids": continued}, labels=labels, index=None, mask=None)
 
     def step_outputs(self, batch: Batch, progress: float | None = None) -> StepOutputs:
         if progress is not None and self.lmbda and float(torch.rand(())) < self.lmbda:
