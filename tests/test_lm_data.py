@@ -19,6 +19,7 @@ from kdrun.engine.loop import evaluate
 from kdrun.errors import ConfigError
 from kdrun.features import FeatureTaps, check_paths
 from kdrun.models.language import causal_lm, init_from_teacher, masked_lm
+from kdrun.tasks.base import IGNORE
 from kdrun.tasks.language import CausalLM, MaskedLM
 
 TEXT = "\n\n".join(f"Paragraph {i} says something about topic {i % 7} and returns the value {i * 3}." for i in range(60))
@@ -258,3 +259,24 @@ def test_a_pretrained_model_directory_loads_locally_and_must_fit_the_data(tmp_pa
         pretrained(50, (32,), path=str(tmp_path / "model"))
     with pytest.raises(ConfigError, match="no config.json"):
         pretrained(50, (16,), path=str(tmp_path))
+
+
+def test_on_policy_batches_keep_the_prompt_and_score_the_students_samples():
+    from kdrun.losses.recipe import build_recipe
+    from kdrun.strategies.on_policy import OnPolicyDistiller
+
+    torch.manual_seed(0)
+    student, teacher = causal_lm(30, (10,), layers=1, heads=1, width=8), causal_lm(30, (10,), layers=1, heads=1, width=8)
+    recipe = build_recipe({"jsd": {"weight": 1.0, "_target_": "kdrun.losses.tokens.GeneralizedJSD"}})
+    distiller = OnPolicyDistiller(student, recipe, CausalLM(), teacher, lmbda=1.0, prompt_tokens=4, temperature=1.0)
+    assert not distiller.fixed_inputs
+    ids = torch.randint(0, 30, (3, 10))
+    batch = CausalLM().batch((ids, torch.zeros(3, 0, dtype=torch.bool)))
+    sampled = distiller.sampled(batch)
+    new = sampled.inputs["input_ids"]
+    assert new.shape == (3, 10) and torch.equal(new[:, :4], ids[:, :4]) and not torch.equal(new, ids)
+    assert sampled.labels[:, :4].tolist() == ids[:, :4].tolist() and (sampled.labels[:, 4:] == IGNORE).all()
+    with distiller:
+        on_policy = distiller.step_outputs(batch, progress=0.5)
+        evaluation = distiller.step_outputs(batch, progress=None)  # probes and evaluation keep the data
+    assert (on_policy.labels == IGNORE).sum() == 3 * 6 and (evaluation.labels != IGNORE).all()
