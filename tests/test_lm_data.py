@@ -280,3 +280,11 @@ def test_on_policy_batches_keep_the_prompt_and_score_the_students_samples():
         on_policy = distiller.step_outputs(batch, progress=0.5)
         evaluation = distiller.step_outputs(batch, progress=None)  # probes and evaluation keep the data
     assert (on_policy.labels == IGNORE).sum() == 3 * 6 and (evaluation.labels != IGNORE).all()
+
+
+@pytest.mark.parametrize("experiment", ["lm_tiny", "distilbert_tiny", "tinybert_tiny"])
+def test_lm_experiments_compose_and_validate(experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    validate(cfg)
+    assert cfg.optimize_metric == "student.best_val_ppl" and cfg.dataset.name == "lm_stdlib"
+    assert (cfg.task._target_.endswith("CausalLM")) == (experiment == "lm_tiny")
