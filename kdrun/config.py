@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 import yaml
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdrun.engine import checkpoint, perf as fast_paths
 from kdrun.engine.schedule import RAMPS
 from kdrun.errors import ConfigError, KdrunError
+from kdrun.tasks import language
 
 
 def job_dir(number, overrides: str = "") -> str:
@@ -35,8 +36,23 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("one_minus", lambda x: round(1.0 - float(x), 12))
     if not OmegaConf.has_resolver("job_dir"):
         OmegaConf.register_new_resolver("job_dir", job_dir)
+    if not OmegaConf.has_resolver("optimize_direction"):
+        OmegaConf.register_new_resolver("optimize_direction", optimize_direction)
+        OmegaConf.register_new_resolver("task_select", lambda task_target: get_class(str(task_target)).select)
     if not OmegaConf.has_resolver("if_set"):
         OmegaConf.register_new_resolver("if_set", lambda value, when_set, otherwise: otherwise if value in (None, "") else when_set)
+
+
+def optimize_direction(metric: str, task_target: str) -> str:
+    """``maximize`` or ``minimize``: how a sweeper treats ``optimize_metric`` under the task whose
+    class is ``task_target`` (perplexity and loss go down; figures are signed so that up is better)."""
+    section, _, key = str(metric).rpartition(".")
+    name = key.removeprefix("best_val_").removeprefix("test_")
+    if section != "figures":
+        for task_metric in get_class(str(task_target)).metrics:
+            if task_metric.name == name:
+                return "maximize" if task_metric.higher_is_better else "minimize"
+    return "maximize"
 
 
 def instantiate_user(cfg, what: str, **kwargs):
@@ -126,6 +142,7 @@ def check_finite_tree(node, where: str) -> None:
 OPTIMIZE_METRICS = (
     "student.test_acc", "student.best_val_acc", "figures.gain", "figures.retention", "figures.compression",
     "figures.speedup", "teacher.test_acc", "scratch.test_acc",
+    "student.test_ppl", "student.best_val_ppl", "teacher.test_ppl", "scratch.test_ppl",
 )
 
 
@@ -227,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"loss.{name}.weight={weight!r} must be a number >= 0")
     fast_paths.validate(cfg)
+    language.check_config(cfg)
     validate_schedule(cfg)
     from kdrun.reporting import trackers
 

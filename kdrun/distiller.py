@@ -34,10 +34,26 @@ def check_recipe(recipe: WeightedSum, student: nn.Module, teacher: nn.Module | N
     """Fail fast (before any training) when the recipe cannot run on these models."""
     if recipe.needs_teacher and teacher is None:
         raise ConfigError(f"the loss recipe ({recipe}) needs a teacher but none is configured")
+    if teacher is not None:
+        recipe.bind(student, teacher)
+        check_vocabularies(recipe, student, teacher)
     check_paths(student, recipe.taps("student"), "student")
     if teacher is not None:
         check_paths(teacher, recipe.taps("teacher"), "teacher")
         recipe.check_models(student, teacher)
+
+
+def check_vocabularies(recipe: WeightedSum, student: nn.Module, teacher: nn.Module) -> None:
+    """Terms that compare the two models' outputs token by token need one vocabulary."""
+    from kdrun.models.language import vocabulary
+
+    reads_logits = [term.describe() for term in recipe.terms.values() if term.needs_teacher and not term.teacher_taps]
+    if reads_logits and vocabulary(student) != vocabulary(teacher):
+        raise ConfigError(
+            f"teacher and student have different vocabularies ({vocabulary(teacher)} and {vocabulary(student)} tokens); "
+            f"token-level terms ({', '.join(reads_logits)}) compare distributions over one vocabulary: give both the "
+            "dataset's tokenizer"
+        )
 
 
 class TeacherOutputs:
@@ -82,6 +98,12 @@ class Distiller(nn.Module):
             TeacherOutputs(teacher, recipe.taps("teacher"), task) if teacher is not None and recipe.needs_teacher else None
         )
         self.student_taps = FeatureTaps(student, recipe.taps("student"), owner="student")
+
+    @property
+    def fixed_inputs(self) -> bool:
+        """Whether a training sample reaches the models as the same input every epoch (what a
+        teacher-output cache needs)."""
+        return self.task.fixed_inputs
 
     @property
     def teacher(self) -> nn.Module | None:

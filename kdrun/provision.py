@@ -1,6 +1,7 @@
 """Provisioning of models trained on labels alone: teachers and scratch students.
 
-A model comes from its config's ``checkpoint`` when one is given, else from the cache
+A model comes from its config's ``checkpoint`` when one is given, from its ``path`` (a
+pretrained model directory, used as given), else from the cache
 when a model with the same architecture, dataset, seed, random stream and training config
 was trained before, else it is trained now and cached. The cache is shared by all jobs (of
 a sweep, or of later runs); a file lock makes two jobs that ask at once train it once.
@@ -88,6 +89,8 @@ def provision(ctx, name: str, model_cfg: DictConfig, training: DictConfig, role:
     model = ctx.build_model(model_cfg, seed) if model is None else model
     if model_cfg.get("checkpoint"):
         trained = from_checkpoint(ctx, name, model_cfg, role, model, data)
+    elif model_cfg.get("path"):
+        trained = pretrained(ctx, name, model_cfg, role, model, data)
     else:
         trained = from_cache(ctx, name, model_cfg, training, role, model, seed, data, variant)
     # A resumed run provides its models again; their row is already there.
@@ -103,6 +106,14 @@ def from_checkpoint(ctx, name: str, model_cfg: DictConfig, role: str, model: nn.
     test = evaluate(model, data.test, ctx.task, ctx.device)
     log.info("%s: loaded from checkpoint %s (%s)", name, path, ctx.task.brief(test))
     return TrainedModel(name, role, str(model_cfg.arch), model, test, None, "checkpoint", path)
+
+
+def pretrained(ctx, name: str, model_cfg: DictConfig, role: str, model: nn.Module, data) -> TrainedModel:
+    """A model its factory loaded from a local directory (``path``): used as it is, not trained."""
+    model.to(ctx.device)
+    test = evaluate(model, data.test, ctx.task, ctx.device)
+    log.info("%s: pretrained %s from %s, used as given (%s)", name, model_cfg.arch, model_cfg.path, ctx.task.brief(test))
+    return TrainedModel(name, role, str(model_cfg.arch), model, test, None, "pretrained", Path(str(model_cfg.path)))
 
 
 def _read_cached(ctx, name: str, model_cfg: DictConfig, role: str, model: nn.Module, final: Path) -> TrainedModel | None:

@@ -174,8 +174,11 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], t
         reporting.name_test_selection(sections, ctx.task)
     if cfg.get("published"):
         sections["published"] = OmegaConf.to_container(cfg.published, resolve=True)
+    teacher = result.teacher if result.teacher is not result.student else None
+    trained = {"teacher": teacher, "student": result.student, "scratch": scratch}
+    sections.update(ctx.task.after_run(ctx, {role: m.model for role, m in trained.items() if m is not None}))
     probe = Placement(ctx.task, ctx.device)(next(iter(ctx.data.test))).head(SPEED_BATCH)
-    teacher = result.teacher.model if result.teacher is not None and result.teacher is not result.student else None
+    teacher = teacher.model if teacher is not None else None
     sections["figures"] = reporting.distillation_figures({**summary, **sections}, ctx.task, result.student.model, teacher, probe)
     return sections
 
@@ -200,6 +203,7 @@ def _set_up(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], tracker) ->
     teacher_cache.refuse_early(perf.teacher_cache_setting, data)
     data = device_data.place(data, perf)
     task = instantiate_user(cfg.task, f"task {cfg.task.get('name')}")
+    task.prepare(data)
     summary["dataset"] = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)}
     summary["task"] = task.describe()
     strategy: Strategy = instantiate_user(cfg.strategy.runner, f"strategy {cfg.strategy.name}")

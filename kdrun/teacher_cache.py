@@ -124,6 +124,11 @@ def decide(setting, distiller: Distiller, data: DataBundle) -> tuple[bool, str]:
         if setting is True:
             raise ConfigError(augmented_refusal(data.name))
         return False, "off (training inputs are augmented)"
+    if not distiller.fixed_inputs:
+        if setting is True:
+            raise ConfigError("perf.teacher_cache=true but the models see new inputs every epoch (masked LM's masks, "
+                              "on-policy samples); set perf.teacher_cache=auto or false")
+        return False, "off (the models see new inputs every epoch: masks or samples)"
     if getattr(teacher, "knobs", ()):
         return False, "off (the teacher's outputs follow the T schedule)"
     return True, "on (training inputs never change: teacher outputs computed once per sample)"

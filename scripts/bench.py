@@ -18,7 +18,7 @@ kdrun's own loader yields, held on the device. Every figure is a median over rep
 a warm-up, the repeats of the compared variants taken in turns (so load drifts hit all
 alike); CUDA is synchronised around each timing.
 
-Usage: ``python scripts/bench.py [--preset cifar] [--quick] [--peers] [kdrun overrides ...]``
+Usage: ``python scripts/bench.py [--preset cifar|lm] [--quick] [--peers] [kdrun overrides ...]``
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 import bench_peers
 from kdrun import teacher_cache
@@ -56,7 +57,6 @@ from kdrun.losses.recipe import recipe_from
 from kdrun.models import build as build_model
 from kdrun.reporting.metrics import MetricsLog
 from kdrun.strategies.common import student_training
-from kdrun.tasks import Classification
 
 PRESETS = {
     "default": [],  # the default job: cnn -> mlp_small on MNIST-1D
@@ -64,6 +64,7 @@ PRESETS = {
         "teacher=resnet32x4", "student=resnet8x4", "dataset=fake", "dataset.source.num_classes=100",
         "dataset.source.image_size=32", "dataset.source.channels=3", "optim=sgd",
     ],
+    "lm": ["experiment=lm_tiny"],  # GPT-2 4x128 -> 2x64 on the embedded corpus, token-level KD
 }
 SWITCHES = ("device_data", "teacher_cache", "fused_optimizer", "channels_last", "cudnn_benchmark", "pin_memory", "compile")
 CUDA_ONLY = ("channels_last", "cudnn_benchmark", "pin_memory")
@@ -131,6 +132,8 @@ class Setup:
         data = build_data(cfg.dataset, seed=int(cfg.seed), pin_memory=self.perf.pin_memory,
                           persistent_workers=self.perf.persistent_workers)
         data = place(data, self.perf)
+        self.task = instantiate(cfg.task)
+        self.task.prepare(data)
         # One validation batch: fit's per-epoch evaluation then costs next to nothing.
         self.data = replace(data, val=[next(iter(data.val))])
         torch.manual_seed(int(cfg.seed))
@@ -142,13 +145,13 @@ class Setup:
         self.spec = FitSpec.from_config(student_training(cfg))
         self.dtype = amp_dtype(device, bool(cfg.amp))
 
-    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> list:
         """One epoch of kdrun's training batches, on the device, in the memory format kdrun gives them."""
         loader = self.data.train
         if loader.generator is not None:
             loader.generator.manual_seed(0)
-        layout = self.perf.memory_format([self.student, self.teacher], self.data.input_shape) or torch.contiguous_format
-        return [(b[0].to(self.device).contiguous(memory_format=layout), b[1].to(self.device)) for b in loader]
+        layout = self.perf.memory_format([self.student, self.teacher], self.data.input_shape)
+        return [Placement(self.task, self.device, layout)(b) for b in loader]
 
     def optimizer(self, params):
         return self.spec.optimizer(params=params, **self.perf.optimizer_kwargs(self.spec.optimizer))
@@ -158,7 +161,7 @@ def kdrun_runner(setup: Setup, epochs: int, workdir: Path) -> Callable[[], float
     """One timed repeat of ``fit`` (the config's recipe, ``epochs`` epochs): seconds per step.
     Making it builds the distiller and runs a one-epoch warm-up fit. Each repeat starts with an
     empty teacher-output cache (where it applies), as a run does."""
-    task = Classification()
+    task = setup.task
     distiller = Distiller(setup.student, recipe_from(setup.cfg), task, setup.teacher)
     distiller.to(setup.device)
     distiller.setup(Placement(task, setup.device)(next(iter(setup.data.train))))
@@ -187,28 +190,32 @@ def hand_runners(setup: Setup, epochs: int) -> dict[str, Callable[[], float]]:
     batches = setup.batches()
     device, dtype = setup.device, setup.dtype
     T, alpha = float(setup.cfg.T), float(setup.cfg.alpha)
-    student, teacher = setup.student, setup.teacher
+    student, teacher, task = setup.student, setup.teacher, setup.task
     optimizer = setup.optimizer([p for p in student.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def ce_step(x, y):
+    def scored(model, batch):
+        return task.scored(task.forward(model, batch), batch)
+
+    def ce_step(batch):
         with autocast(device, dtype):
-            loss = F.cross_entropy(student(x), y)
+            logits, labels = scored(student, batch)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    def teacher_forward(x, y):
+    def teacher_forward(batch):
         with torch.no_grad(), autocast(device, dtype):
-            teacher(x)
+            task.forward(teacher, batch)
 
-    def kd_step(x, y):
+    def kd_step(batch):
         with autocast(device, dtype):
             with torch.no_grad():
-                teacher_logits = teacher(x)
-            logits = student(x)
-            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * soft_target_kl(logits, teacher_logits, T)
+                teacher_logits, _ = scored(teacher, batch)
+            logits, labels = scored(student, batch)
+            loss = (1 - alpha) * F.cross_entropy(logits, labels) + alpha * soft_target_kl(logits, teacher_logits, T)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -220,20 +227,20 @@ def hand_runners(setup: Setup, epochs: int) -> dict[str, Callable[[], float]]:
 
 
 def timed(step, batches, device: torch.device, epochs: int, before: Callable[[], object]) -> Callable[[], float]:
-    """One timed repeat of ``step(inputs, labels)`` over ``batches`` for ``epochs`` epochs, after
-    ``before()``: seconds per step. Making it runs one warm-up step."""
+    """One timed repeat of ``step(batch)`` over ``batches`` for ``epochs`` epochs, after ``before()``:
+    seconds per step. Making it runs one warm-up step."""
 
     def run() -> float:
         before()
         sync(device)
         start = time.perf_counter()
         for _ in range(epochs):
-            for x, y in batches:
-                step(x, y)
+            for batch in batches:
+                step(batch)
         sync(device)
         return (time.perf_counter() - start) / (epochs * len(batches))
 
-    step(*batches[0])
+    step(batches[0])
     return run
 
 
@@ -254,9 +261,10 @@ def prepared(overrides: list[str], device: torch.device, epochs: int, workdir: P
     return setup, run, memory.peak
 
 
-def end_to_end(quick: bool) -> dict[str, float]:
-    """Wall time of the default job as a user runs it (``kdrun``), cold cache then warm cache."""
-    overrides = ["epochs=2", "teacher_training.epochs=2", "dataset.source.num_samples=1000"] if quick else []
+def end_to_end(quick: bool, preset: str = "default") -> dict[str, float]:
+    """Wall time of the preset's job as a user runs it (``kdrun``), cold cache then warm cache."""
+    shorter = ["dataset.source.num_samples=1000"] if preset == "default" else ["dataset.source.max_chars=100000"]
+    overrides = [*PRESETS[preset], *(["epochs=2", "teacher_training.epochs=2", *shorter] if quick else [])]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "KDRUN_CACHE_DIR": str(Path(tmp) / "cache"), "PYTHONUNBUFFERED": "1"}
 
@@ -301,7 +309,7 @@ def main() -> None:
     elif args.preset == "cifar":
         overrides += ["dataset.source.num_train=8192", "dataset.source.num_test=512", "dataset.batch_size=128"]
     if args.quick:
-        overrides += ["dataset.source.num_samples=1000"] if args.preset == "default" else []
+        overrides += {"default": ["dataset.source.num_samples=1000"], "lm": ["dataset.source.max_chars=100000"]}.get(args.preset, [])
     overrides += [f"device={device}", *args.overrides]
     epochs = args.epochs or (1 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -351,8 +359,11 @@ def main() -> None:
                 row[state]["samples_per_s"] = batch / step
             results["switches"][switch] = row
             print(f"  {switch}: {row}", file=sys.stderr, flush=True)
-    if args.preset == "default" and not args.no_e2e:
-        results.update(end_to_end(args.quick))
+    if args.preset in ("default", "lm") and not args.no_e2e:
+        results.update(end_to_end(args.quick, args.preset))
+    if setup.task.unit == "tokens":
+        predicted = int(setup.cfg.dataset.batch_size) * (int(setup.cfg.dataset.source.block_size) - 1)
+        results["kdrun_tokens_per_s"] = predicted / results["kdrun_step_s"]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +385,7 @@ def table(r: dict) -> str:
         f"| kdrun KD step, defaults (teacher cache {r['perf'].get('teacher_cache', '?')}) | {ms(r['kdrun_step_s'])} | |",
         f"| kdrun KD step, teacher cache off | {ms(r['kdrun_step_s_no_cache'])} | |",
         f"| hand-written KD step | {ms(r['hand_kd_step_s'])} | |",
+        *([f"| kdrun KD training, tokens/s | {r['kdrun_tokens_per_s']:,.0f} | |"] if "kdrun_tokens_per_s" in r else []),
         f"| (a) KD overhead ratio, defaults | {r['kd_overhead_ratio']:.3f} | <= 1.05 |",
         f"| (a) KD overhead ratio, teacher cache off | {r['kd_overhead_ratio_no_cache']:.3f} | <= 1.05 |",
         f"| (b) throughput / hand-written loop, defaults | {r['throughput_vs_hand_loop']:.3f} | >= 0.95 |",

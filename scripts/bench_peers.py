@@ -73,11 +73,11 @@ def runners(setup, epochs: int, timed) -> dict[str, Callable[[], float]]:
     batches = setup.batches()
     box = get_distillation_box(setup.teacher, setup.student, {}, train_config(setup, epochs), device,
                                [device.index] if device.type == "cuda" else None, distributed=False, lr_factor=1)
-    check_same_loss(box, setup, *batches[0])
+    check_same_loss(box, setup, batches[0].inputs, batches[0].labels)
 
-    def step(inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def step(batch) -> None:
         with autocast(device, dtype):
-            loss = box.forward_process(inputs, labels, {})
+            loss = box.forward_process(batch.inputs, batch.labels, {})
         box.post_forward_process(loss=loss)
 
     return {"torchdistill_kd_step_s": timed(step, batches, device, epochs, before=lambda: box.pre_epoch_process(epoch=0))}

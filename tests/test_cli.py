@@ -42,7 +42,7 @@ def corrupt_checkpoint(tmp_path_factory):
         (["alpha=1.5"], "alpha=1.5 is outside [0, 1]"),
         (["T=0"], "T=0 must be > 0"),
         (["epochs=0"], "epochs=0 must be >= 1"),
-        (["student=nope"], "available options for 'student': cnn,"),
+        (["student=nope"], "available options for 'student': bert_student, bert_tiny, cnn,"),
         (["nosuchkey=1"], "nosuchkey"),
         (["teacher.checkpoint=/does/not/exist.pt"], "teacher.checkpoint=/does/not/exist.pt does not exist"),
         (["teacher.checkpoint=CORRUPT"], "is corrupt or not a PyTorch checkpoint"),

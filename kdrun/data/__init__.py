@@ -8,7 +8,7 @@ YAML file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -40,6 +40,8 @@ class Splits:
     embedded: bool = False
     augmentation: Augmentation | None = None
     in_memory: bool = False
+    val: Dataset | None = None
+    text: Any = None
 
 
 @dataclass
@@ -58,6 +60,7 @@ class DataBundle:
     in_memory: bool = False
     # The training samples with the eval transform (what device-resident data augments itself).
     train_eval_set: Dataset = field(repr=False, default=None)
+    text: Any = field(repr=False, default=None)
 
     def indexed(self) -> DataBundle:
         """The same data, with training batches of ``(inputs, labels, index)``; the
@@ -108,10 +111,13 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False, persistent_worke
     splits: Splits = instantiate_user(cfg.source, f"dataset {cfg.name}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction={cfg.val_fraction} must be in [0, 1)")
-    train_idx, val_idx = split_indices(len(splits.train), cfg.val_fraction, seed)
+    if splits.val is not None:
+        train_idx, val_is_test, val_set = list(range(len(splits.train))), False, splits.val
+    else:
+        train_idx, val_idx = split_indices(len(splits.train), cfg.val_fraction, seed)
+        val_is_test = not val_idx
+        val_set = splits.test if val_is_test else Subset(splits.train_eval, val_idx)
     train_set = Subset(splits.train, train_idx)
-    val_is_test = not val_idx
-    val_set = splits.test if val_is_test else Subset(splits.train_eval, val_idx)
     workers = int(cfg.num_workers)
     # Under DDP dataset.batch_size stays the global batch: each of N ranks takes 1/N of it,
     # so a config means the same training (batch, steps per epoch, schedule) on any N.
@@ -154,4 +160,5 @@ def build(cfg: DictConfig, seed: int, pin_memory: bool = False, persistent_worke
         augmentation=splits.augmentation,
         in_memory=splits.in_memory,
         train_eval_set=Subset(splits.train_eval, train_idx),
+        text=splits.text,
     )

@@ -4,6 +4,7 @@ and the stop / non-finite check."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -23,6 +24,7 @@ class EpochStats:
 
     def __init__(self, task: Task, device: torch.device):
         self.task, self.device = task, device
+        self.started = time.perf_counter()
         self.loss = torch.zeros((), device=device)
         self.parts: dict[str, torch.Tensor] = {}
         self.task_sums: dict[str, torch.Tensor] = {}
@@ -48,6 +50,8 @@ class EpochStats:
         row = self.task.finish({name: sums[f"task/{name}"] for name in names})
         seen = max(sums["seen"], 1)
         row["loss"] = sums["loss"] / seen
+        if self.task.rate_key:
+            row[self.task.rate_key] = sums["seen"] / (time.perf_counter() - self.started)
         row.update({name: sums[name] / seen for name in self.parts})
         return row
 

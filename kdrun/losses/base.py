@@ -126,6 +126,10 @@ class Term(nn.Module):
     def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
         """Refuse, before anything trains, models this term cannot read (e.g. tap groups of unequal length)."""
 
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Learn what the two models are before any tap is hooked (a layer mapping needs both
+        models' depths); most terms need nothing."""
+
     def setup(self, probe: StepOutputs) -> None:
         """Build adapters from the shapes in ``probe``; most terms have none."""
 

@@ -71,6 +71,10 @@ class WeightedSum(nn.Module):
         for term in self.terms.values():
             term.check_models(student, teacher)
 
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        for term in self.terms.values():
+            term.bind(student, teacher)
+
     def setup(self, probe: StepOutputs) -> None:
         for term in self.terms.values():
             term.setup(probe)

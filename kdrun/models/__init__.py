@@ -1,8 +1,10 @@
 """Model construction: a model config is a factory ``_target_`` plus its options.
 
 Every factory is called as ``factory(num_classes=..., input_shape=..., **options)``
-and returns a module whose forward gives logits. ``arch`` (a display name) and
-``checkpoint`` (teacher weights) are kdrun's own keys and are not passed on.
+and returns a module whose forward gives logits. ``arch`` (a display name),
+``checkpoint`` (teacher weights) and ``init`` (``teacher``: a student starts from the teacher's
+layers, see :func:`kdrun.models.language.init_from_teacher`) are kdrun's own keys and are not
+passed on.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import instantiate_user
 
-OWN_KEYS = ("arch", "checkpoint")
+OWN_KEYS = ("arch", "checkpoint", "init")
 
 
 def factory_options(cfg: DictConfig) -> dict[str, Any]:

@@ -263,6 +263,8 @@ def headline(summary: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += ["", figures_line(figures, metric)]
+    if summary.get("generation"):
+        lines.append(generation_line(summary["generation"]))
     if summary.get("selection"):
         lines.append(f"best checkpoints selected on: {summary['selection']}")
     published = summary.get("published")
@@ -288,3 +290,10 @@ def figures_line(figures: dict[str, Any], metric: str) -> str:
         f"inference speed-up: {speed} (forward of a batch of {batch} on {figures['speed_device']}: {times}; "
         f"median of {figures.get('speed_rounds', '?')} alternating runs{note})"
     )
+
+
+def generation_line(generation: dict[str, Any]) -> str:
+    """A language model's generation speed (new tokens/s) per model, and the student's speed-up."""
+    speeds = ", ".join(f"{role} {value:,.0f}" for role, value in generation["tokens_per_s"].items())
+    return (f"generation: {speeds} new tokens/s (batch {generation['batch']}); speed-up "
+            f"{_fmt(generation.get('speedup'), '{:.2f}x')}; samples in {generation['samples']}")

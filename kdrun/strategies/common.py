@@ -187,3 +187,14 @@ def export_student(ctx, chosen: TrainedModel) -> None:
         shutil.copyfile(best, tmp)
         tmp.replace(target)
 
+
+
+def start_from_teacher(student: nn.Module, teacher: TrainedModel | None) -> None:
+    """``student.init=teacher``: the student starts from the teacher's layers (DistilBERT)."""
+    from kdrun.models.language import init_from_teacher
+
+    if teacher is None:
+        raise ConfigError("student.init=teacher needs a teacher, but the loss recipe uses none")
+    taken = init_from_teacher(student, teacher.model)
+    log.info("student: initialised from the teacher's embeddings, head and blocks %s (1-based)",
+             ", ".join(str(i + 1) for i in taken))

@@ -15,6 +15,7 @@ from kdrun.models.ensemble import Ensemble
 from kdrun.provision import provision
 from kdrun.strategies.base import Strategy, StrategyResult, TrainedModel, model_list
 from kdrun.strategies.common import distill
+from kdrun.tasks import language
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class TeacherEnsemble(Strategy):
     needs_distillation = True
 
     def check(self, cfg) -> None:
+        language.refuse(cfg, self.name, "its ensemble averages classifier outputs over one class axis")
         model_list(cfg, "teachers", "[cnn,cnn]", at_least=2)
         check_weights(cfg.strategy.get("weights"), len(cfg.strategy.teachers))
 

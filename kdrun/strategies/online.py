@@ -15,6 +15,7 @@ from kdrun.models.ensemble import Ensemble, average_probs_logits
 from kdrun.strategies.base import Strategy, StrategyResult, model_list, number_in
 from kdrun.strategies.common import best_of, best_vals, export_student, finish, run_meta, train
 from kdrun.tasks import Task
+from kdrun.tasks import language
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Online(Strategy):
     logit_terms_only = True
 
     def check(self, cfg) -> None:
+        language.refuse(cfg, self.name, "its peers are held and tested as a classifier ensemble")
         peers = cfg.strategy.get("peers")
         if isinstance(peers, int) and not isinstance(peers, bool):
             number_in(cfg, "peers", 2, kind=int, why=": mutual learning needs someone to learn from")

@@ -22,6 +22,7 @@ from kdrun.models import count_params
 from kdrun.strategies.base import Strategy, StrategyResult, TrainedModel, number_in
 from kdrun.strategies.common import best_vals, distill
 from kdrun.tasks import Batch, Task
+from kdrun.tasks import language
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class SelfDistill(Strategy):
     logit_terms_only = True
 
     def check(self, cfg) -> None:
+        language.refuse(cfg, self.name, "its heads classify pooled stage features")
         number_in(cfg, "feature_weight", 0)
         taps = cfg.strategy.get("taps")
         if taps is not None and not OmegaConf.is_list(taps):

@@ -15,6 +15,7 @@ from kdrun.losses.recipe import recipe_from
 from kdrun.provision import provision
 from kdrun.strategies.base import Baseline, Strategy, StrategyResult, number_in
 from kdrun.strategies.common import distill
+from kdrun.tasks import language
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Unlabeled(Strategy):
     needs_distillation = True
 
     def check(self, cfg) -> None:
+        language.refuse(cfg, self.name, "every token of a text is its own label")
         number_in(cfg, "labeled_fraction", 0, 1, open_low=True, open_high=True,
                   why=": the share of training samples that keep their labels")
 

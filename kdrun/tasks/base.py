@@ -96,6 +96,11 @@ class Task:
     select = ""
     # What one scored item is, for throughput figures (samples/s, tokens/s).
     unit = "samples"
+    # The training row's throughput key (e.g. ``tokens_per_s``): scored items per second; None: none.
+    rate_key: str | None = None
+    # Whether a training sample reaches the models as the same input every epoch (masked LM
+    # draws new masks): a frozen teacher's outputs may then be cached per sample.
+    fixed_inputs = True
 
     @property
     def selected(self) -> Metric:
@@ -110,6 +115,16 @@ class Task:
     def brief(self, metrics: dict[str, float], split: str = "test") -> str:
         """``test acc 98.80%``: the selection metric of ``metrics``, for log lines."""
         return f"{split} {self.select} {self.selected.show(metrics.get(self.select))}"
+
+    def prepare(self, data) -> None:
+        """Learn what the task needs of the run's data (:class:`kdrun.data.DataBundle`), once, before
+        any batch; refuse data it cannot work with (a ConfigError)."""
+
+    def after_run(self, ctx, models: dict[str, nn.Module]) -> dict:
+        """Once the run's models are trained (``models``: role -> model, e.g. teacher, student,
+        scratch): extra ``summary.json`` sections, and files in ``ctx.run_dir`` (a language
+        model's sample generations). Most tasks add nothing."""
+        return {}
 
     def batch(self, loaded) -> Batch:
         """A :class:`Batch` from what the loader yields."""
