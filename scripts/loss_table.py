@@ -1,6 +1,7 @@
 """Every loss recipe against the scratch student and plain KD, mean and spread over seeds.
 
-    python scripts/loss_table.py                   # runs the sweep, then prints the table
+    OMP_NUM_THREADS=1 python scripts/loss_table.py --write docs/losses.md          # the image recipes
+    OMP_NUM_THREADS=1 python scripts/loss_table.py --zoo --write docs/loss_zoo.md  # the zoo's
     python scripts/loss_table.py --only DIR [DIR]  # just the table, from finished sweeps
     python scripts/loss_table.py --losses crd,crd_kd   # a subset of the recipes
 
@@ -15,8 +16,6 @@ import argparse
 import importlib.resources
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 import yaml
 
+from docs_tables import environment, write_block
 from kdrun.reporting.sweep import spread
+
 # The loss zoo (docs/loss_zoo.md): methods from mdistiller, torchdistill and later logit papers.
 ZOO = ["ab", "ctkd", "cwd", "fsp", "ft", "kdsvd", "ktaad", "mlkd", "nkd", "nst", "ofd", "pad_l2", "reviewkd", "srd", "sskd"]
-MARKERS = ("<!-- loss-table -->", "<!-- /loss-table -->")
+# Recipes for language models only (docs/language_models.md has their table).
+LANGUAGE_ONLY = ["jsd", "minilm", "reverse_kl", "skew_kl", "tinybert", "token_kd"]
 
 # Recipes that need overrides on the default CNN -> MLP pair; each runs as its own sweep.
 PAIR_OVERRIDES = {
@@ -39,8 +40,9 @@ PAIR_OVERRIDES = {
 
 
 def loss_options() -> list[str]:
+    """The image recipes: every loss option but the zoo's and the language models'."""
     conf = Path(str(importlib.resources.files("kdrun.conf"))) / "loss"
-    return sorted(p.stem for p in conf.glob("*.yaml"))
+    return sorted(p.stem for p in conf.glob("*.yaml") if p.stem not in (*ZOO, *LANGUAGE_ONLY))
 
 
 def loss_choice(job: Path) -> str:
@@ -83,23 +85,11 @@ def table(sweeps: list[Path]) -> str:
     return "\n".join(rows)
 
 
-def provenance(sweeps: list[Path]) -> str:
+def provenance() -> str:
     """The line above a written table: how to regenerate it, and what measured it."""
-    first = json.loads(next(p for sweep in sweeps for p in sorted(sweep.glob("*/summary.json"))).read_text())
     threads = os.environ.get("OMP_NUM_THREADS")
     command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
-    versions = first["versions"]
-    return (f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: kdrun {versions['kdrun']}, torch {versions['torch']}, "
-            f"{torch.get_num_threads()} thread(s) per process, {platform.machine()} CPU ({os.cpu_count()} cores).")
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace what lies between the table markers in ``path`` with ``text``."""
-    page = path.read_text()
-    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
-    if not pattern.search(page):
-        raise SystemExit(f"error: {path} has no {MARKERS[0]} ... {MARKERS[1]} block to write the table into")
-    path.write_text(pattern.sub(lambda _: f"{MARKERS[0]}\n{text}\n{MARKERS[1]}", page))
+    return f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: {environment()}."
 
 
 def main() -> int:
@@ -108,7 +98,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--losses", default=None, help="comma-separated recipes (default: every conf/loss option)")
     parser.add_argument("--zoo", action="store_true", help="the zoo's recipes and kd (docs/loss_zoo.md)")
-    parser.add_argument("--write", type=Path, help="a markdown file whose loss-table block receives the table")
+    parser.add_argument("--write", type=Path, help="a markdown page whose loss_table block receives the table")
     args, kdrun_args = parser.parse_known_args()
     sweeps = args.only
     if sweeps is None:
@@ -128,7 +118,7 @@ def main() -> int:
     result = table(sweeps)
     print(result)
     if args.write:
-        write_between_markers(args.write, f"{provenance(sweeps)}\n\n{result}")
+        write_block(args.write, "loss_table", f"{provenance()}\n\n{result}")
     return 0
 
 

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "loss_table.py"
@@ -29,6 +28,7 @@ def job(sweep: Path, number: int, loss: str, seed: int, student: float, scratch:
 
 
 def loss_table():
+    sys.path.insert(0, str(SCRIPT.parent))  # the scripts import their shared docs_tables module
     spec = importlib.util.spec_from_file_location("loss_table", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,14 +42,15 @@ def test_the_table_counts_a_student_s_pre_stage_and_lands_between_the_markers(tm
     job(sweep, 2, "ft", 0, 66.0, 60.0, {"student.ft_paraphraser": 4.0, "student": 20.0})
     job(sweep, 3, "ft", 1, 65.0, 61.0, {"student.ft_paraphraser": 6.0, "student": 22.0})
     page = tmp_path / "page.md"
-    page.write_text("# Zoo\n\nbefore\n<!-- loss-table -->\nstale\n<!-- /loss-table -->\nafter\n")
+    page.write_text("# Zoo\n\nbefore\n<!-- table:loss_table -->\nstale\n<!-- /table:loss_table -->\nafter\n")
     monkeypatch.setattr(sys, "argv", ["scripts/loss_table.py", "--only", str(sweep), "--write", str(page)])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert loss_table().main() == 0
     lines = page.read_text().splitlines()
-    assert lines[:4] == ["# Zoo", "", "before", "<!-- loss-table -->"] and lines[-2:] == ["<!-- /loss-table -->", "after"]
+    assert lines[:4] == ["# Zoo", "", "before", "<!-- table:loss_table -->"]
+    assert lines[-2:] == ["<!-- /table:loss_table -->", "after"]
     assert lines[4].startswith("Measured with `OMP_NUM_THREADS=1 python scripts/loss_table.py --only ")
-    assert "kdrun 0.1.0, torch 2.x" in lines[4]
+    assert "1 thread(s) per process" in lines[4] and "torch " in lines[4]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
     assert rows["scratch (labels only)"][2] == "60.50 ± 0.71"
     assert rows["kd"][2:6] == ["63.00 ± 1.41", "+2.50", "11", "2 |"]
@@ -58,9 +59,13 @@ def test_the_table_counts_a_student_s_pre_stage_and_lands_between_the_markers(tm
     assert "stale" not in page.read_text()
 
 
-def test_a_page_without_the_markers_is_refused(tmp_path):
+def test_a_page_without_the_markers_gets_the_block_at_its_end(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("no block here\n")
-    with pytest.raises(SystemExit, match="has no <!-- loss-table --> ... <!-- /loss-table --> block"):
-        loss_table().write_between_markers(page, "table")
-    assert page.read_text() == "no block here\n"
+    loss_table()
+    from docs_tables import write_block
+
+    write_block(page, "loss_table", "table")
+    assert page.read_text() == "no block here\n\n<!-- table:loss_table -->\ntable\n<!-- /table:loss_table -->\n"
+    write_block(page, "loss_table", "new")  # written again: replaced in place
+    assert page.read_text().count("table:loss_table -->") == 2 and "new" in page.read_text()

@@ -234,3 +234,31 @@ def test_tensorboard_logger_mirrors_metrics_jsonl(tmp_path):
     assert set(scalars) == set(expected)
     for tag, points in expected.items():
         assert scalars[tag] == pytest.approx(points, rel=1e-6), tag
+
+
+def test_paired_test_counts_the_items_only_one_model_gets_right():
+    import torch
+    from torch import nn
+
+    from kdrun.reporting.summary import paired_test, significance_text
+    from kdrun.tasks import Classification
+
+    class Fixed(nn.Module):  # predicts class 1 on the first `right` items, class 0 elsewhere
+        def __init__(self, right):
+            super().__init__()
+            self.right = right
+
+        def forward(self, x):
+            hit = (x[:, 0] < self.right).long()
+            return nn.functional.one_hot(hit, 2).float()
+
+    items = torch.arange(40.0).unsqueeze(1)
+    labels = torch.ones(40, dtype=torch.long)
+    loader = [(items[:20], labels[:20]), (items[20:], labels[20:])]
+    task = Classification()
+    test = paired_test(task, Fixed(30), Fixed(18), loader, torch.device("cpu"))
+    assert (test["student_only"], test["scratch_only"], test["items"]) == (12, 0, 40)
+    assert test["p_value"] == pytest.approx(2 * 0.5**12)  # exact two-sided binomial, 12 of 12
+    assert "McNemar p < 0.001 on 40 test items: beyond" in significance_text(test, 0)
+    even = paired_test(task, Fixed(18), Fixed(18), loader, torch.device("cpu"))
+    assert even["p_value"] == 1.0 and "within" in significance_text(even, 0)

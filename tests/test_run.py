@@ -33,6 +33,10 @@ def test_default_job_writes_the_run_directory_contract(tmp_path):
     assert figures["compression"] == pytest.approx(summary["teacher"]["params"] / summary["student"]["params"])
     assert figures["gain"] == pytest.approx(summary["student"]["test_acc"] - summary["scratch"]["test_acc"])
     assert figures["speedup"] > 0
+    test = figures["gain_test"]  # McNemar on the test items only one of student and scratch gets right
+    assert test["items"] > 0
+    gained = (test["student_only"] - test["scratch_only"]) * 100 / test["items"]
+    assert gained == pytest.approx(figures["gain"], abs=1e-6) and 0 <= test["p_value"] <= 1
     for name in ("config_resolved.yaml", "kdrun.log", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (tmp_path / name).is_file(), name
     assert "L = 0.1*CE + 0.9*KD(T=4) + 100*FitNet(last_stage->last_stage)" in (tmp_path / "kdrun.log").read_text()

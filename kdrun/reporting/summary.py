@@ -214,6 +214,45 @@ def distillation_figures(summary: dict[str, Any], task, student: nn.Module, teac
     return figures
 
 
+@torch.no_grad()
+def paired_test(task, student: nn.Module, scratch: nn.Module, loader, device: torch.device) -> dict[str, Any] | None:
+    """Is the student's gain over the scratch student more than the test set's sampling noise?
+
+    Both models score the same test items; McNemar's exact test counts the items only one of them
+    gets right (``student_only``, ``scratch_only``) and gives the two-sided p-value of a split at
+    least that uneven if the two were equally good. None for a task without right and wrong items."""
+    from scipy.stats import binomtest
+
+    from kdrun.engine.loop import Placement
+
+    counts = {"student_only": 0, "scratch_only": 0, "items": 0}
+    modes = (student.training, scratch.training)
+    student.eval(), scratch.eval()
+    try:
+        for loaded in loader:
+            batch = Placement(task, device)(loaded)
+            right = [task.correct_items(*task.scored(task.forward(model, batch), batch)) for model in (student, scratch)]
+            if right[0] is None:
+                return None
+            counts["student_only"] += int((right[0] & ~right[1]).sum())
+            counts["scratch_only"] += int((right[1] & ~right[0]).sum())
+            counts["items"] += right[0].numel()
+    finally:
+        student.train(modes[0]), scratch.train(modes[1])
+    differing = counts["student_only"] + counts["scratch_only"]
+    counts["p_value"] = binomtest(counts["student_only"], differing, 0.5).pvalue if differing else 1.0
+    return counts
+
+
+def significance_text(test: dict[str, Any] | None, seed: Any) -> str:
+    if not test:
+        return ""
+    verdict = "beyond" if test["p_value"] < 0.05 else "within"
+    p_value = "p < 0.001" if test["p_value"] < 0.001 else f"p = {test['p_value']:.2g}"
+    return (f" (seed {seed}; McNemar {p_value} on {test['items']:,} test items: {verdict} the test set's noise; "
+            "see the sweep over seeds for the spread between runs)")
+
+
 def _fmt(value: Any, pattern: str, missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
 
@@ -262,7 +301,7 @@ def headline(summary: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += ["", figures_line(figures, metric)]
+    lines += ["", figures_line(figures, metric, significance_text(figures.get("gain_test"), summary.get("seed")))]
     if summary.get("generation"):
         lines.append(generation_line(summary["generation"]))
     if summary.get("selection"):
@@ -276,7 +315,7 @@ def headline(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def figures_line(figures: dict[str, Any], metric: str) -> str:
+def figures_line(figures: dict[str, Any], metric: str, significance: str = "") -> str:
     unit = "points" if metric == "acc" else metric
     speed = "-" if figures.get("speedup") is None else f"{two_significant(figures['speedup'])}x"
     batch = figures["speed_batch_size"]
@@ -284,7 +323,7 @@ def figures_line(figures: dict[str, Any], metric: str) -> str:
                       if figures.get(f"{name}_samples_per_s"))
     note = f"; {figures['speedup_note']}" if figures.get("speedup_note") else ""
     return (
-        f"gain from distillation: {_fmt(figures['gain'], '{:+.2f} ' + unit, 'n/a (scratch=false)')}   "
+        f"gain from distillation: {_fmt(figures['gain'], '{:+.2f} ' + unit, 'n/a (scratch=false)')}{significance}\n"
         f"compression: {_fmt(figures['compression'], '{:.1f}x')}   "
         f"retention: {_fmt(figures['retention'], '{:.1f}%')}\n"
         f"inference speed-up: {speed} (forward of a batch of {batch} on {figures['speed_device']}: {times}; "

@@ -147,6 +147,11 @@ class Task:
         """The metrics from summed statistics."""
         raise NotImplementedError
 
+    def correct_items(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Whether each scored item is right (for a paired test of two models on the same items);
+        None for a task whose selection metric is not a count of right items."""
+        return None
+
     def weight(self, labels: torch.Tensor) -> int | torch.Tensor:
         """How much a batch counts in the epoch's mean training loss (samples, or scored tokens)."""
         return labels.numel()

@@ -38,6 +38,9 @@ class Classification(Task):
             sums["nll"] = F.cross_entropy(logits.detach().float(), labels, ignore_index=IGNORE, reduction="sum").double()
         return sums
 
+    def correct_items(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1) == labels
+
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         count = max(sums["count"], 1)
         metrics = {"acc": 100.0 * sums["correct"] / count}
