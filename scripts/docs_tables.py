@@ -30,6 +30,15 @@ def environment(threads: str | None = None) -> str:
             f"{threads} thread(s) per process, {os.cpu_count()}-core {platform.machine()} CPU")
 
 
+def provenance() -> str:
+    """The line above a written table: how to regenerate it, and what measured it."""
+    import time
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
+    return f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: {environment()}."
+
+
 def run_sweep(sweep_dir: Path, overrides: list[str], env: dict | None = None) -> Path:
     """``kdrun -m <overrides>`` into ``sweep_dir``; a sweep whose jobs all completed is kept as it is."""
     from kdrun.reporting.sweep import collect

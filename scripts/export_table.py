@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-START, END = "<!-- export-table -->", "<!-- /export-table -->"
+from docs_tables import write_block
+
 
 
 def versions() -> str:
@@ -62,20 +62,12 @@ def table(summary: dict, command: str, threads: int) -> str:
     return "\n".join(lines)
 
 
-def write_into(page: Path, text: str) -> None:
-    content = page.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f"error: {page} has no {START} ... {END} block for the table")
-    block = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    page.write_text(block.sub(lambda _: f"{START}\n{text}\n{END}", content))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=Path, help="a finished run directory: export it, run no training")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--write", type=Path, help="a markdown page with an export-table block to replace")
+    parser.add_argument("--write", type=Path, help="a markdown page whose export_table block receives the table")
     args, kdrun_args = parser.parse_known_args()
     run_dir = args.only
     if run_dir is None:
@@ -90,7 +82,7 @@ def main() -> int:
     text = table(json.loads((run_dir / "summary.json").read_text()), command, args.threads)
     print(text)
     if args.write:
-        write_into(args.write, text)
+        write_block(args.write, "export_table", text)
     return 0
 
 

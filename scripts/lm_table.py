@@ -7,7 +7,7 @@ seeds, and the temperature and loss-family study.
 
 The sweeps are ``kdrun -m experiment=lm_tiny seed=0,1,2`` and ``kdrun -m experiment=lm_tiny
 loss=token_kd,reverse_kl,jsd,skew_kl T=1,2,4`` (the teacher is trained once and cached). Extra
-arguments go to kdrun. Each table is written between ``<!-- lm_table:NAME -->`` markers, under the
+arguments go to kdrun. Each table is written between ``<!-- table:lm_NAME -->`` markers, under the
 command that regenerates it and the versions and thread count it ran with.
 """
 
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
+
+from docs_tables import write_block
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "language_models.md"
 SWEEPS = {
@@ -98,13 +100,6 @@ def header(name: str, sweep: Path) -> str:
             f"{device}, {threads} thread(s); sweep {sweep.name}.")
 
 
-def write(name: str, text: str) -> None:
-    marker = f"<!-- lm_table:{name} -->"
-    docs = DOCS.read_text()
-    start, end = docs.index(marker) + len(marker), docs.index(marker, docs.index(marker) + 1)
-    DOCS.write_text(docs[:start] + "\n" + text + "\n" + docs[end:])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=Path, nargs=2, metavar=("SEEDS", "STUDY"), help="finished sweeps: tables only")
@@ -120,7 +115,7 @@ def main() -> int:
         subprocess.run(command, check=False)
     for name, make in (("seeds", seeds_table), ("study", study_table)):
         text = header(name, sweeps[name]) + "\n\n" + make(sweeps[name])
-        print(text, "\n") if args.print else write(name, text)
+        print(text, "\n") if args.print else write_block(DOCS, f"lm_{name}", text)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from docs_tables import environment, write_block
+from docs_tables import provenance, write_block
 from kdrun.reporting.sweep import spread
 
 # The loss zoo (docs/loss_zoo.md): methods from mdistiller, torchdistill and later logit papers.
@@ -83,13 +82,6 @@ def table(sweeps: list[Path]) -> str:
         rows.append(f"| {name} | `{runs[0][0]['recipe']}` | {fmt(accs)} | {statistics.mean(gains):+.2f} | {seconds:.0f} | "
                     f"{len(runs)} |")
     return "\n".join(rows)
-
-
-def provenance() -> str:
-    """The line above a written table: how to regenerate it, and what measured it."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python", *sys.argv])
-    return f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}: {environment()}."
 
 
 def main() -> int:

@@ -1,12 +1,13 @@
 """Every strategy against the scratch student and offline KD with the same student, over seeds.
 
-    python scripts/strategy_table.py                  # runs the sweep, then prints the table
+    OMP_NUM_THREADS=1 python scripts/strategy_table.py --write docs/strategies.md
     python scripts/strategy_table.py --only DIR       # just the table, from a finished sweep
     python scripts/strategy_table.py --strategies offline,online
 
-The sweep is one multirun, ``kdrun -m strategy=<each> seed=0,1,2`` on the default data,
-teacher (cnn) and student (mlp_small) with each strategy's default settings. Extra
-arguments go to kdrun (e.g. ``epochs=10``).
+The sweep is one multirun, ``kdrun -m strategy=<each> seed=0,1,2 loss=kd`` on the default data,
+teacher (cnn) and student (mlp_small) with each strategy's default settings. Every strategy
+gets the same recipe, Hinton's KD, because ``online`` and ``self`` take logit recipes only.
+Extra arguments go to kdrun (e.g. ``epochs=10``, or ``loss=dist`` instead of ``loss=kd``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from loss_table import fmt
-
 import yaml
+
+from docs_tables import provenance, write_block
+from loss_table import fmt
 
 STRATEGIES = ["offline", "online", "born_again", "progressive", "self", "ensemble", "unlabeled"]
 
@@ -85,7 +87,10 @@ def main() -> int:
     parser.add_argument("--only", type=Path, nargs="+", help="finished sweep directories: print their table, run nothing")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--write", type=Path, help="a markdown page whose strategy_table block receives the table")
     args, kdrun_args = parser.parse_known_args()
+    if not any(arg.startswith("loss=") for arg in kdrun_args):
+        kdrun_args = ["loss=kd", *kdrun_args]
     sweeps = args.only
     if sweeps is None:
         sweeps = [Path("outputs/sweeps") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_strategy_table"]
@@ -93,7 +98,10 @@ def main() -> int:
                    f"hydra.sweep.dir={sweeps[0]}", *kdrun_args]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=False)
-    print(table(sweeps))
+    result = table(sweeps)
+    print(result)
+    if args.write:
+        write_block(args.write, "strategy_table", f"{provenance()}\n\n{result}")
     return 0
 
 

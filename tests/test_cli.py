@@ -22,6 +22,7 @@ def test_help_lists_groups_and_options(tmp_path):
     assert "student: " in result.stdout and "small" in result.stdout and "resnet8x4" in result.stdout
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = kdrun_cli("--cfg", "job", "T=2", "student=tiny", cwd=tmp_path)
     assert result.returncode == 0
@@ -52,6 +53,7 @@ def corrupt_checkpoint(tmp_path_factory):
         (["dataset.val_fraction=1.5"], "dataset.val_fraction=1.5 must be in [0, 1)"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, expected, corrupt_checkpoint):
     overrides = [o.replace("CORRUPT", str(corrupt_checkpoint)) for o in overrides]
     result = kdrun_cli(*overrides, cwd=tmp_path)
@@ -62,12 +64,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, overrides, expected, corrupt
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_missing_dataset_error_names_the_path(tmp_path):
     result = kdrun_cli("dataset=mnist", f"dataset.root={tmp_path}/nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert f"{tmp_path}/nowhere" in result.stderr and "dataset.download=true" in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = [*FAST, "epochs=30", "seed=11"]
     reference = run(make_cfg(*overrides), tmp_path / "reference")  # also caches the teacher
@@ -96,6 +100,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()  # the original Hydra record is kept
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_overrides(tmp_path):
     run_dir = tmp_path / "r"
     run(make_cfg(*FAST), run_dir)
@@ -103,6 +108,7 @@ def test_resume_refuses_other_overrides(tmp_path):
     assert result.returncode == 2 and "drop the other overrides (T=8)" in result.stderr
 
 
+@pytest.mark.slow
 def test_sweep_makes_four_complete_jobs_and_trains_the_teacher_once(tmp_path):
     result = kdrun_cli("-m", "T=1,4", "alpha=0.5,0.9", *FAST, "seed=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -124,6 +130,7 @@ def test_sweep_makes_four_complete_jobs_and_trains_the_teacher_once(tmp_path):
     assert resumed.returncode == 2 and "that run completed; there is nothing to carry on" in resumed.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_whole_sweep_not_just_one_job(tmp_path):
     returncode, rest = sigterm_when_logged("student epoch 2/30", "-m", "seed=21,22,23", *FAST, "epochs=30", cwd=tmp_path)
     assert returncode == 130, rest

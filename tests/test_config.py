@@ -40,6 +40,7 @@ ANY_DATA_MODELS = {("teacher", "cnn"), ("teacher", "mlp"), ("student", "small"),
 SIGNAL_MODELS = {"mnist1d_logistic", "mnist1d_mlp", "mnist1d_cnn"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["teacher", "student"])
 def test_every_model_option_builds(group):
     for option in options(group):
@@ -85,6 +86,7 @@ def test_mnist1d_is_the_papers_split_and_is_cached(kdrun_cache):
     assert labels.min() == 0 and labels.max() == 9
 
 
+@pytest.mark.slow
 def test_every_loss_option_builds():
     for option in options("loss"):
         recipe = build_recipe(make_cfg(f"loss={option}").loss)
@@ -101,6 +103,7 @@ def test_every_optim_and_sched_option_instantiates():
             scheduler.step()
 
 
+@pytest.mark.slow
 def test_every_strategy_and_experiment_composes():
     for option in options("strategy"):
         assert hasattr(instantiate(make_cfg(f"strategy={option}").strategy.runner), "run")

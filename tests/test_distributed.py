@@ -90,6 +90,7 @@ def test_launch_is_read_from_torchrun_or_slurm_variables():
     assert first_host("node1,node2") == "node1" and first_host("a-[3,5]-x") == "a-3-x"
 
 
+@pytest.mark.slow
 def test_two_processes_interrupted_and_resumed_write_one_set_of_files_and_match_one_process(tmp_path):
     from helpers import sigterm_when_logged, FAST, make_cfg, read_metrics, read_summary
     from kdrun.run import run

@@ -71,6 +71,7 @@ def test_lr_001_experiments_share_the_cached_teacher_of_lr_005_ones():
     assert len(keys) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_one_step_and_reports_the_published_number(experiment, tmp_path):
     cfg = with_loss_choice(make_cfg(f"experiment={experiment}", *FAKE_CIFAR100), "kd")
@@ -91,6 +92,7 @@ def test_method_without_published_number_says_so(tmp_path):
     assert "this method (dkd): no published number" in (tmp_path / "kdrun.log").read_text()
 
 
+@pytest.mark.slow
 def test_teacher_strategy_trains_and_caches_the_teacher_for_a_later_distillation(tmp_path):
     overrides = ["experiment=crd_resnet32x4_resnet8x4", *FAKE_CIFAR100, "seed=11"]
     only_teacher = run(make_cfg(*overrides, "strategy=teacher"), tmp_path / "teacher")
@@ -107,6 +109,7 @@ def test_teacher_strategy_trains_and_caches_the_teacher_for_a_later_distillation
     assert distilled["teacher"]["test_acc"] == only_teacher["teacher"]["test_acc"]
 
 
+@pytest.mark.slow
 def test_command_line_loss_choice_selects_the_published_number(tmp_path):
     result = kdrun_cli(
         "experiment=crd_resnet32x4_shufflenetv1", "loss=crd", "loss.crd.nce_k=2", *FAKE_CIFAR100,
@@ -120,6 +123,7 @@ def test_command_line_loss_choice_selects_the_published_number(tmp_path):
     assert saved["choices"]["loss"] == "crd" and saved["choices"]["student"] == "shufflenetv1"
 
 
+@pytest.mark.slow
 def test_cfg_job_shows_the_reference_stages_and_weight_of_at(tmp_path):
     result = kdrun_cli("experiment=crd_resnet32x4_resnet8x4", "loss=at", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -182,6 +186,7 @@ def test_the_command_line_still_decides_over_the_reference_settings():
         ("crd_wrn_40_2_wrn_16_2", "dkd", "1*DKD(a=1,b=6,T=4)", {}),
     ],
 )
+@pytest.mark.slow
 def test_reference_settings_run_one_step(experiment, loss, formula, adapter, tmp_path):
     summary = run(with_loss_choice(make_cfg(f"experiment={experiment}", f"loss={loss}", *FAKE_CIFAR100), loss), tmp_path)
     assert summary["status"] == "completed" and formula in summary["recipe"]

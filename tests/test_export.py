@@ -38,6 +38,7 @@ def fresh_copy(run_dir, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_load_student_is_best_pt_in_the_student_architecture(finished_run):
     student = load_student(finished_run)
     reference = mlp(num_classes=10, input_shape=(1, 40), hidden=[128, 128])
@@ -47,6 +48,7 @@ def test_load_student_is_best_pt_in_the_student_architecture(finished_run):
     assert torch.equal(student(x), reference.eval()(x))
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_in_onnx_runtime_and_times_teacher_and_student(finished_run, tmp_path, capsys):
     run_dir = fresh_copy(finished_run, tmp_path)
     assert main([str(run_dir), "--repeats", "3"]) == 0
@@ -72,6 +74,7 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime_and_times_teacher_and_stude
     assert not list((run_dir / "checkpoints").glob(".export-*"))  # the work folder is gone
 
 
+@pytest.mark.slow
 def test_quantize_writes_int8_model_with_float_and_int8_test_accuracy(finished_run, tmp_path):
     run_dir = fresh_copy(finished_run, tmp_path)
     assert main([str(run_dir), "--quantize", "--repeats", "2"]) == 0
@@ -94,6 +97,7 @@ def test_quantize_writes_int8_model_with_float_and_int8_test_accuracy(finished_r
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators  # the Linear layers run in int8
 
 
+@pytest.mark.slow
 def test_torchscript_export_reloads_and_matches(finished_run, tmp_path):
     run_dir = fresh_copy(finished_run, tmp_path)
     assert main([str(run_dir), "--format", "torchscript", "--repeats", "2"]) == 0

@@ -59,6 +59,7 @@ def test_a_run_in_a_terminal_fits_on_one_screen(tmp_path):
     assert "student epoch 3/5" in verbose
 
 
+@pytest.mark.slow
 def test_without_a_terminal_every_epoch_line_is_printed(tmp_path):
     result = kdrun_cli(*FAST, "epochs=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0
@@ -72,6 +73,7 @@ def test_the_formula_shows_schedules_in_the_log_and_summary(tmp_path):
     assert summary["recipe"] == formula and formula in (tmp_path / "kdrun.log").read_text()
 
 
+@pytest.mark.slow
 def test_settings_that_do_nothing_are_named_once(tmp_path):
     result = kdrun_cli(*FAST, "epochs=1", "loss=dkd", "alpha=0.3", f"hydra.run.dir={tmp_path / 'dkd'}", cwd=tmp_path)
     assert result.returncode == 0
@@ -94,6 +96,7 @@ def test_speed_up_is_timed_in_turns_and_flags_models_too_small_to_time():
     assert "too small to time reliably" in figures["speedup_note"]
 
 
+@pytest.mark.slow
 def test_a_test_set_used_for_selection_is_named_so(tmp_path):
     summary = run(make_cfg(*FAST, "epochs=1", "dataset.val_fraction=0"), tmp_path)
     student = summary["student"]
@@ -101,6 +104,7 @@ def test_a_test_set_used_for_selection_is_named_so(tmp_path):
     assert summary["selection"].startswith("test") and "selected on: test" in (tmp_path / "kdrun.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_jobs_meet_the_same_missing_dataset_stops_after_saying_it_once(tmp_path):
     result = kdrun_cli("-m", "dataset=cifar10", "seed=1,2,3", f"dataset.root={tmp_path / 'none'}", f"hydra.sweep.dir={tmp_path / 's'}",
                        cwd=tmp_path)
@@ -110,6 +114,7 @@ def test_a_sweep_whose_jobs_meet_the_same_missing_dataset_stops_after_saying_it_
     assert len([p for p in (tmp_path / "s").iterdir() if p.is_dir()]) == 2  # the third job never started
 
 
+@pytest.mark.slow
 def test_log_files_hold_no_terminal_colour_codes(tmp_path):
     sweep = tmp_path / "optuna"
     result = kdrun_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *FAST, "epochs=1", "scratch=false",
@@ -128,6 +133,7 @@ def test_one_name_per_model_as_teacher_or_student(tmp_path):
     assert (summary["teacher"]["arch"], summary["student"]["arch"]) == ("mlp_small", "mlp_tiny")
 
 
+@pytest.mark.slow
 def test_every_model_option_is_named_by_its_arch():
     import importlib.resources
 
@@ -138,6 +144,7 @@ def test_every_model_option_is_named_by_its_arch():
         assert cfg.student.arch in (path.stem, cfg.student.get("name")), path.name
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_says_where_to_get_it_and_where_to_put_it(tmp_path):
     result = kdrun_cli("dataset=mnist", f"dataset.root={tmp_path}/nowhere", cwd=tmp_path)
     assert result.returncode == 2

@@ -124,6 +124,7 @@ def test_report_has_every_test_outcome_and_the_bench_tables(bench_with_peers):
     assert "### cifar" in text and "building the CIFAR preset" in text  # a cut-short step shows its output's end
 
 
+@pytest.mark.slow
 def test_bench_peers_without_torchdistill_is_one_line_and_exit_2(tmp_path):
     # A Python where torchdistill cannot be imported (an entry of None in sys.modules makes the import fail).
     program = ("import runpy, sys\n"

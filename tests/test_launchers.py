@@ -37,6 +37,7 @@ def test_metric_value_reads_dotted_paths():
     assert "student.test_acc" in OPTIMIZE_METRICS and "figures.gain" in OPTIMIZE_METRICS
 
 
+@pytest.mark.slow
 def test_optuna_search_maximises_the_named_metric(tmp_path):
     sweep = tmp_path / "optuna"
     result = kdrun_cli(
@@ -58,6 +59,7 @@ def test_optuna_search_maximises_the_named_metric(tmp_path):
     assert (sweep / "summary.md").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [False, True])
 def test_unknown_optimize_metric_is_one_line_and_exit_2_before_any_job(tmp_path, sweep):
     args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2"] if sweep else []
@@ -80,6 +82,7 @@ def log_span(run_dir: Path) -> tuple[datetime, datetime]:
     return times[0], times[-1]
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel(tmp_path):
     sweep = tmp_path / "joblib"
     result = kdrun_cli(

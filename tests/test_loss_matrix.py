@@ -34,7 +34,8 @@ LANGUAGE_ONLY = {"tinybert", "minilm"}
 LOSSES = sorted(p.stem for p in (Path(CONF_DIR) / "loss").glob("*.yaml") if p.stem not in {*ZOO_LOSSES, *LANGUAGE_ONLY})
 
 
-@pytest.mark.parametrize("pair", sorted(PAIRS))
+# The CIFAR and transformer pairs are in the full suite; the fast tier runs every loss on the default pair.
+@pytest.mark.parametrize("pair", [pair if pair == "cnn_to_mlp" else pytest.param(pair, marks=pytest.mark.slow) for pair in sorted(PAIRS)])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_on_every_pair(tmp_path, loss, pair):
     overrides = [*TINY, *PAIRS[pair], f"loss={loss}", *EXTRA.get(loss, [])]

@@ -304,6 +304,7 @@ def test_every_zoo_option_trains_an_epoch_on_the_embedded_default(tmp_path, loss
     assert unchanged == (loss not in ("ab", "fsp"))
 
 
+@pytest.mark.slow
 def test_a_stage_setting_out_of_range_is_one_line_exit_2_and_writes_nothing(tmp_path):
     result = kdrun_cli("loss=ft", "loss.ft.paraphraser_epochs=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr

@@ -310,6 +310,7 @@ def crd_train_rows(run_dir):
     return [r for r in read_metrics(run_dir) if r["model"] == "student" and r["split"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["loss.crd.nce_k=256"], ["loss.crd.nce_k=256", "loss.crd.memory=queue", "loss.crd.queue_size=512"]])
 def test_end_to_end_on_default_data(tmp_path, overrides):
     summary = run(make_cfg(*FAST, "loss=crd", "scratch=false", *overrides), tmp_path)

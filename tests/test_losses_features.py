@@ -279,6 +279,7 @@ def test_unlike_pair_resnet32x4_to_resnet8x4_with_fitnet_and_at(tmp_path):
     assert math.isfinite(row["loss/fitnet"]) and math.isfinite(row["loss/at"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["at", "vid"])
 def test_stage_groups_run_on_the_embedded_job_where_the_models_have_as_many_stages(tmp_path, name):
     # The cnn teacher and the mlp student have three stages each: stage1..3 are paired one to one.

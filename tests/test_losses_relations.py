@@ -226,6 +226,7 @@ def test_configs_compose_to_the_paper_recipes(name, formula):
     assert str(build_recipe(make_cfg(f"loss={name}").loss)) == formula
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rkd", "sp", "pkt", "cc"])
 def test_trains_cnn_teacher_to_mlp_student(tmp_path, name):
     summary = run(make_cfg(*FAST, f"loss={name}"), tmp_path)

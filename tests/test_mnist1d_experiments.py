@@ -37,6 +37,7 @@ def test_baselines_experiment_has_the_datasets_recipe_and_numbers():
     assert cfg.published.student_acc == 94.0
 
 
+@pytest.mark.slow
 def test_baselines_sweep_runs_each_model_and_reports_the_published_number(tmp_path):
     result = kdrun_cli("-m", "experiment=mnist1d_baselines", "seed=0", "epochs=1", "dataset.source.num_samples=500",
                        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
@@ -58,6 +59,7 @@ def test_temperature_study_sweeps_T_over_three_seeds_with_alpha_fixed():
     assert dict(full.hydra.sweeper.params) == {"T": "1,2,4,8,16", "seed": "0,1,2"}
 
 
+@pytest.mark.slow
 def test_temperature_study_is_one_command_with_a_table_and_a_plot(tmp_path):
     result = kdrun_cli("-m", "experiment=mnist1d_temperature_study", "T=1,16", "seed=0", "epochs=1",
                        "dataset.source.num_samples=500", "teacher_training.epochs=1",

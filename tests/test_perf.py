@@ -79,6 +79,7 @@ def test_device_data_true_is_refused_where_it_cannot_apply():
     assert auto.notes["device_data"].startswith("off (")
 
 
+@pytest.mark.slow
 def test_device_data_gives_the_same_metrics_as_the_dataloader(tmp_path):
     common = (*FAST, "perf.teacher_cache=false")
     run(make_cfg(*common, "perf.device_data=true"), tmp_path / "device")
@@ -87,6 +88,7 @@ def test_device_data_gives_the_same_metrics_as_the_dataloader(tmp_path):
     assert student_rows(tmp_path / "device") == student_rows(tmp_path / "loader")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["kd", "fitnet"])
 def test_teacher_cache_gives_the_same_metrics_as_the_teacher(tmp_path, loss):
     common = (*FAST, "epochs=3", f"loss={loss}")
@@ -97,6 +99,7 @@ def test_teacher_cache_gives_the_same_metrics_as_the_teacher(tmp_path, loss):
     assert student_rows(tmp_path / "cache") == student_rows(tmp_path / "teacher")
 
 
+@pytest.mark.slow
 def test_teacher_cache_is_refused_for_augmented_data(tmp_path):
     result = kdrun_cli(*FAST, "perf.teacher_cache=true", "dataset.source.max_shift=2", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -148,6 +151,7 @@ def test_device_data_augments_on_the_device():
     assert torch.equal(first[1], plain[1]) and not torch.equal(first[0], plain[0])
 
 
+@pytest.mark.slow
 def test_augmented_run_augments_on_the_device_without_the_teacher_cache(tmp_path):
     summary = run(make_cfg(*FAST, "epochs=1", "scratch=false", "dataset.source.max_shift=2"), tmp_path)
     assert summary["status"] == "completed"
@@ -170,6 +174,7 @@ def test_fused_and_foreach_optimizers_step(optimizer, impl):
     assert Perf(optimizer_impl="fused").optimizer_kwargs(partial(torch.optim.Adadelta)) == {}
 
 
+@pytest.mark.slow
 def test_cuda_switches_and_fused_optimizer_run_on_cpu(tmp_path):
     """channels_last, cudnn_benchmark, pin_memory and fused kernels forced on, on the CPU, conv nets on images."""
     summary = run(make_cfg(

@@ -102,6 +102,7 @@ def test_interrupt_while_the_teacher_trains_then_the_printed_resume_works(tmp_pa
 
 # 4. A refused run changes nothing on disk, not even an earlier run's .hydra record.
 
+@pytest.mark.slow
 def test_a_refused_run_in_a_finished_runs_directory_changes_nothing(finished_run, tmp_path):
     before = snapshot(finished_run)
     line = error_line(kdrun_cli("alpha=0.1", "epochs=1", f"hydra.run.dir={finished_run}", cwd=tmp_path))
@@ -130,6 +131,7 @@ def test_a_refused_run_in_a_finished_runs_directory_changes_nothing(finished_run
     ("name=../../../x", "name='../../../x' must be a single directory name"),
     ("alpha=0.5 schedule.alpha.start=0.2", "schedule.alpha.start=0.2 conflicts with alpha=0.5"),
 ])
+@pytest.mark.slow
 def test_bad_values_are_one_line_before_anything_is_written(tmp_path, override, expected):
     cache = tmp_path / "cache"
     result = kdrun_cli(*override.split(), *ONE_EPOCH, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
@@ -179,12 +181,14 @@ def test_a_read_only_cache_serves_cached_models_and_names_itself_when_it_must_be
 
 # 8. An output directory that cannot be made: the path and the fix.
 
+@pytest.mark.slow
 def test_a_run_directory_under_a_file_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("x")
     line = error_line(kdrun_cli(*ONE_EPOCH, f"hydra.run.dir={tmp_path / 'a-file' / 'run'}", cwd=tmp_path))
     assert f"{tmp_path / 'a-file'} is a file, not a directory; choose another hydra.run.dir" in line
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_a_read_only_folder_is_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -195,6 +199,7 @@ def test_a_run_directory_in_a_read_only_folder_is_one_line(tmp_path):
 
 # 10. Corrupt caches: moved aside and rebuilt, with the path in the log.
 
+@pytest.mark.slow
 def test_a_truncated_cached_teacher_is_moved_aside_and_trained_again(tmp_path):
     first = run(make_cfg(*ONE_EPOCH, "seed=46"), tmp_path / "a")
     cached = Path(first["teacher"]["path"])
@@ -222,6 +227,7 @@ def test_a_truncated_cached_mnist1d_file_is_generated_again(tmp_path):
 
 # 12. The smaller ones.
 
+@pytest.mark.slow
 def test_resume_of_a_completed_run_or_a_typo_changes_nothing(finished_run, tmp_path):
     before = snapshot(finished_run)
     assert "that run completed; there is nothing to carry on" in error_line(kdrun_cli(f"resume={finished_run}", cwd=tmp_path))
@@ -231,11 +237,13 @@ def test_resume_of_a_completed_run_or_a_typo_changes_nothing(finished_run, tmp_p
     assert not typo.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_path_that_is_a_directory_says_so(tmp_path):
     line = error_line(kdrun_cli(*ONE_EPOCH, f"teacher.checkpoint={tmp_path}", cwd=tmp_path))
     assert f"teacher.checkpoint={tmp_path} is a directory; give the checkpoint file in it" in line
 
 
+@pytest.mark.slow
 def test_errors_found_inside_a_job_begin_with_kdrun_error_and_leave_no_directory(tmp_path):
     result = kdrun_cli(*ONE_EPOCH, "loss=fitnet", "loss.fitnet.student_taps=stage9", f"hydra.run.dir={tmp_path / 'run'}",
                        cwd=tmp_path)
@@ -243,6 +251,7 @@ def test_errors_found_inside_a_job_begin_with_kdrun_error_and_leave_no_directory
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_names_both_models(finished_run, tmp_path):
     student = finished_run / "checkpoints" / "best.pt"
     line = error_line(kdrun_cli(*ONE_EPOCH, f"teacher.checkpoint={student}", cwd=tmp_path))

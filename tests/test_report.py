@@ -171,6 +171,7 @@ def test_report_command_is_installed_and_helps():
     assert "sweep dir" in result.stdout and "--out" in result.stdout and "examples:" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_sweep_with_bad_input_is_refused_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
     result = kdrun_cli("-m", "alpha=1.5,0.5", "T=4,inf", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -181,6 +182,7 @@ def test_a_sweep_with_bad_input_is_refused_before_any_job(tmp_path):
     assert not sweep.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_jobs_share_one_bad_value_prints_it_once(tmp_path):
     result = kdrun_cli("-m", "seed=1,2,3", "optim.lr=-1", *FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -188,6 +190,7 @@ def test_a_sweep_whose_jobs_share_one_bad_value_prints_it_once(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_failed_jobs_do_not_stop_the_sweep_and_the_report_lists_them(tmp_path):
     # lr=1e30 makes the loss non-finite (TrainingError, in two jobs); the others are fine.
     sweep = tmp_path / "sweep"

@@ -72,6 +72,7 @@ def test_teacher_is_cached_and_reused_and_same_seed_gives_same_metrics(tmp_path)
     assert first["student"]["test_acc"] == second["student"]["test_acc"]
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path):
     trained = run(make_cfg(*FAST, "seed=7"), tmp_path / "a")
     given = run(make_cfg(*FAST, "seed=7", f"teacher.checkpoint={trained['teacher']['path']}"), tmp_path / "b")
@@ -79,6 +80,7 @@ def test_teacher_checkpoint_is_loaded_instead_of_trained(tmp_path):
     assert given["teacher"]["test_acc"] == pytest.approx(trained["teacher"]["test_acc"])
 
 
+@pytest.mark.slow
 def test_experiment_prints_published_numbers_beside_ours(tmp_path):
     cfg = make_cfg("experiment=crd_resnet32x4_resnet8x4", "dataset=fake", "epochs=1", "dataset.source.num_train=64", "dataset.source.num_test=32")
     with open_dict(cfg):
@@ -88,6 +90,7 @@ def test_experiment_prints_published_numbers_beside_ours(tmp_path):
     assert "published (Tian et al." in (tmp_path / "kdrun.log").read_text()
 
 
+@pytest.mark.slow
 def test_digits_and_tiny_student(tmp_path):
     summary = run(make_cfg("dataset=digits", "student=tiny", "epochs=3", "teacher_training.epochs=3"), tmp_path)
     assert summary["status"] == "completed"
@@ -95,6 +98,7 @@ def test_digits_and_tiny_student(tmp_path):
     assert summary["teacher"]["test_acc"] > 50.0
 
 
+@pytest.mark.slow
 def test_cifar_resnets_on_fake_images(tmp_path):
     cfg = make_cfg("dataset=fake", "teacher=resnet32x4", "student=resnet8x4", "epochs=1", "dataset.source.num_train=64", "dataset.source.num_test=32")
     summary = run(cfg, tmp_path)

@@ -53,6 +53,7 @@ def test_online_mutual_learning_reports_each_peer_and_their_ensemble(tmp_path):
     assert (tmp_path / "checkpoints" / "peers" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_online_peers_of_different_archs_from_the_command_line(tmp_path):
     result = kdrun_cli("strategy=online", "strategy.peers=[mlp_small,cnn_small]", *FAST, "epochs=1", "scratch=false",
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -62,6 +63,7 @@ def test_online_peers_of_different_archs_from_the_command_line(tmp_path):
     assert "2 peers epoch 1/1" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unknown_peer_option_is_one_line_exit_2(tmp_path):
     result = kdrun_cli("strategy=online", "strategy.peers=[small,bogus]", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -98,6 +100,7 @@ def test_born_again_can_stop_when_a_generation_does_not_improve(tmp_path):
     assert "did not improve its validation acc" in (tmp_path / "kdrun.log").read_text()
 
 
+@pytest.mark.slow
 def test_progressive_chain_with_a_per_stage_T_schedule(tmp_path):
     summary = run(make_cfg(*FAST, "strategy=progressive", "strategy.chain=[cnn_small,tiny]", "schedule.T.per=stage",
                            "schedule.T.kind=linear", "schedule.T.start=8", "schedule.T.end=2"), tmp_path)
@@ -130,6 +133,7 @@ def test_self_distillation_needs_intermediate_stages(tmp_path):
         run(make_cfg(*FAST, "strategy=self", "student=tiny"), tmp_path)
 
 
+@pytest.mark.slow
 def test_ensemble_of_teachers(tmp_path):
     summary = run(make_cfg(*FAST, "strategy=ensemble", "strategy.teachers=[cnn,cnn]", "strategy.weights=[3,1]"), tmp_path)
     check_common(summary, tmp_path, "ensemble")
@@ -155,6 +159,7 @@ def test_ensemble_targets_are_the_mean_of_softened_outputs():
     assert torch.allclose(ensemble(x), average_probs_logits([m(x) for m in members], torch.tensor([0.5, 0.5]), 2.0))
 
 
+@pytest.mark.slow
 def test_unlabeled_data_teacher_and_baseline_see_the_labelled_share_only(tmp_path):
     summary = run(make_cfg(*FAST, "strategy=unlabeled", "strategy.labeled_fraction=0.25"), tmp_path)
     check_common(summary, tmp_path, "unlabeled")
@@ -168,6 +173,7 @@ def test_unlabeled_data_teacher_and_baseline_see_the_labelled_share_only(tmp_pat
     assert offline["teacher"]["path"] != summary["teacher"]["path"]
 
 
+@pytest.mark.slow
 def test_resume_inside_a_multi_stage_run_starts_in_the_stopped_generation(tmp_path):
     overrides = [*FAST, "strategy=born_again", "strategy.generations=3", "epochs=8", "seed=5", "scratch=false"]
     reference = run(make_cfg(*overrides), tmp_path / "reference")

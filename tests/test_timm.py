@@ -46,6 +46,7 @@ def test_timm_model_is_built_for_the_dataset_and_tapped_at_its_last_stage(name, 
         assert features.shape[0] == 2 and deepest["num_chs"] in (features.shape[1], features.shape[-1]), features.shape
 
 
+@pytest.mark.slow
 def test_timm_teacher_and_student_train_through_run_with_feature_taps(tmp_path):
     cfg = make_cfg(
         "dataset=fake", "dataset.source.num_train=64", "dataset.source.num_test=32", "dataset.batch_size=32",

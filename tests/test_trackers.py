@@ -41,6 +41,7 @@ def mlflow_client(store_dir: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{store_dir / 'mlruns' / 'mlflow.db'}")
 
 
+@pytest.mark.slow
 def test_mlflow_run_is_read_back_with_mlflows_client(tmp_path):
     pytest.importorskip("mlflow", reason="logger=mlflow needs the track extra: pip install -e '.[track]'")
     summary = run(make_cfg(*SHORT, "logger=mlflow"), tmp_path)
@@ -84,6 +85,7 @@ def summary_values(path: Path) -> dict:
     return values
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_directory_holds_config_curves_figures_and_the_student(tmp_path):
     pytest.importorskip("wandb", reason="logger=wandb needs the track extra: pip install -e '.[track]'")
     import json
@@ -205,6 +207,7 @@ def test_a_tracker_failing_during_the_run_is_one_warning_and_switched_off(caplog
     assert "logger=failing failed (ConnectionError: tracking server went away second line)" in warning.getMessage()
 
 
+@pytest.mark.slow
 def test_trackers_are_imported_only_when_chosen():
     code = ("import sys, kdrun.run, kdrun.cli, kdrun.export; from kdrun.config import validate; "
             "from helpers import make_cfg; validate(make_cfg()); "

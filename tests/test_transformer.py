@@ -356,6 +356,7 @@ def check_run(run_dir, parts):
         ("distilbert", ["loss/ce", "loss/kd", "loss/hidden_cosine"]),
     ],
 )
+@pytest.mark.slow
 def test_transformer_to_transformer_runs(loss, parts, tmp_path):
     run(make_cfg(*FAST, *TRANSFORMERS, f"loss={loss}"), tmp_path)
     summary = check_run(tmp_path, parts)
@@ -366,6 +367,7 @@ def test_transformer_to_transformer_runs(loss, parts, tmp_path):
 @pytest.mark.parametrize(
     ("loss", "extra"), [("hidden_mse", []), ("hidden_cosine", []), ("attention_map", LAST_STAGE_ATTENTION)]
 )
+@pytest.mark.slow
 def test_default_cnn_to_mlp_pair_runs(loss, extra, tmp_path):
     run(make_cfg(*FAST, "scratch=false", f"loss={loss}", *extra), tmp_path)
     check_run(tmp_path, ["loss/ce", f"loss/{loss}"])
