@@ -37,6 +37,8 @@ FACTORS = {
     "epochs": ("training length (KD)", "epochs", [20, 40, 100], ["loss=kd"]),
     "train_size": ("training set size (KD; 80% of the samples train)", "dataset.source.num_samples",
                    [1250, 2500, 5000], ["loss=kd"]),
+    "labels": ("fewer labels: the share of the training set with labels, the rest distilled only (KD, strategy=unlabeled)",
+               "strategy.labeled_fraction", [0.1, 0.25, 0.5], ["loss=kd", "strategy=unlabeled"]),
     "teacher": ("teacher strength: its training epochs (KD)", "teacher_training.epochs", [3, 10, 40], ["loss=kd"]),
     "consistent": ("function matching: the same shifted view for teacher and student, 100 epochs (KD, alpha 1)",
                    "dataset.source.max_shift", [0, 3], ["loss=kd", "alpha=1.0", "epochs=100"]),

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from docs_tables import provenance, write_block
+from kdrun.reporting.sweep import spread
 from loss_table import fmt
 
 STRATEGIES = ["offline", "online", "born_again", "progressive", "self", "ensemble", "unlabeled"]
@@ -76,8 +77,8 @@ def table(sweeps: list[Path]) -> str:
             over_own = [s["student"]["test_acc"] - s["scratch"]["test_acc"] for s in runs]
             others.append(f"gain over it {statistics.mean(over_own):+.2f}")
         rows.append(
-            f"| {name} | {fmt(accs)} | {statistics.mean(over_scratch):+.2f} | "
-            f"{'' if name == 'offline' else f'{statistics.mean(over_offline):+.2f}'} | {'; '.join(others)} | {len(runs)} |"
+            f"| {name} | {fmt(accs)} | {spread(over_scratch, signed=True)} | "
+            f"{'' if name == 'offline' else spread(over_offline, signed=True)} | {'; '.join(others)} | {len(runs)} |"
         )
     return "\n".join(rows)
 

@@ -53,9 +53,9 @@ def test_the_table_counts_a_student_s_pre_stage_and_lands_between_the_markers(tm
     assert "1 thread(s) per process" in lines[4] and "torch " in lines[4]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
     assert rows["scratch (labels only)"][2] == "60.50 ± 0.71"
-    assert rows["kd"][2:6] == ["63.00 ± 1.41", "+2.50", "11", "2 |"]
+    assert rows["kd"][2:6] == ["63.00 ± 1.41", "+2.50 ± 0.71", "11", "2 |"]
     # ft: 66 and 65 against 60 and 61 -> +5.00; its paraphraser's epochs count, the teacher's not: (24 + 28) / 2.
-    assert rows["ft"][2:6] == ["65.50 ± 0.71", "+5.00", "26", "2 |"]
+    assert rows["ft"][2:6] == ["65.50 ± 0.71", "+5.00 ± 1.41", "26", "2 |"]
     assert "stale" not in page.read_text()
 
 

@@ -98,8 +98,7 @@ def speed_figures(task, student: nn.Module, teacher: nn.Module | None, batch) ->
         figures["teacher_samples_per_s"] = batch.size / medians["teacher"]
         figures["speedup"] = float(two_significant(medians["teacher"] / medians["student"]).replace(",", ""))
     if medians["student"] < MIN_TIMEABLE_S:
-        figures["speedup_note"] = (f"the student takes {medians['student'] * 1e6:.0f} us per batch on {device.type}: "
-                                   "too small to time reliably (mostly framework overhead)")
+        figures["speedup_note"] = "the student is too small to time reliably: its time is mostly framework overhead"
     return figures
 
 
@@ -249,8 +248,7 @@ def significance_text(test: dict[str, Any] | None, seed: Any) -> str:
         return ""
     verdict = "beyond" if test["p_value"] < 0.05 else "within"
     p_value = "p < 0.001" if test["p_value"] < 0.001 else f"p = {test['p_value']:.2g}"
-    return (f" (seed {seed}; McNemar {p_value} on {test['items']:,} test items: {verdict} the test set's noise; "
-            "see the sweep over seeds for the spread between runs)")
+    return f" (seed {seed}; McNemar {p_value} on {test['items']:,} test items: {verdict} the test set's noise)"
 
 
 def _fmt(value: Any, pattern: str, missing: str = "-") -> str:
@@ -326,8 +324,8 @@ def figures_line(figures: dict[str, Any], metric: str, significance: str = "") -
         f"gain from distillation: {_fmt(figures['gain'], '{:+.2f} ' + unit, 'n/a (scratch=false)')}{significance}\n"
         f"compression: {_fmt(figures['compression'], '{:.1f}x')}   "
         f"retention: {_fmt(figures['retention'], '{:.1f}%')}\n"
-        f"inference speed-up: {speed} (forward of a batch of {batch} on {figures['speed_device']}: {times}; "
-        f"median of {figures.get('speed_rounds', '?')} alternating runs{note})"
+        f"inference speed-up: {speed} (batch of {batch} on {figures['speed_device']}: {times}, "
+        f"median of {figures.get('speed_rounds', '?')} runs in turns{note})"
     )
 
 
