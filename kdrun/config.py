@@ -138,18 +138,26 @@ def check_finite_tree(node, where: str) -> None:
         raise ConfigError(f"{where}={node} must be a finite number")
 
 
-# summary.json values a job can hand to a sweeper (``optimize_metric``; the Optuna sweeper maximises it).
-OPTIMIZE_METRICS = (
-    "student.test_acc", "student.best_val_acc", "figures.gain", "figures.retention", "figures.compression",
-    "figures.speedup", "teacher.test_acc", "scratch.test_acc",
-    "student.test_ppl", "student.best_val_ppl", "teacher.test_ppl", "scratch.test_ppl",
-)
+# summary.json figures a job can hand to a sweeper beside the task's metrics (``optimize_metric``).
+FIGURES = ("figures.gain", "figures.retention", "figures.compression", "figures.speedup")
+
+
+def optimize_metrics(task_target: str) -> tuple[str, ...]:
+    """The summary.json values a sweeper may optimise under a task: each model's test metrics, the
+    student's best validation value of the selection metric, and the figures."""
+    task = get_class(str(task_target))
+    def tests(section: str) -> tuple[str, ...]:
+        return tuple(f"{section}.test_{metric.name}" for metric in task.metrics)
+
+    return (*tests("student"), f"student.best_val_{task.select}", *FIGURES, *tests("teacher"), *tests("scratch"))
 
 
 def validate_optimize_metric(cfg: DictConfig) -> str:
-    metric = cfg.get("optimize_metric", OPTIMIZE_METRICS[0])
-    if metric not in OPTIMIZE_METRICS:
-        raise ConfigError(f"optimize_metric={metric} is not a known metric; use one of {', '.join(OPTIMIZE_METRICS)}")
+    allowed = optimize_metrics(cfg.task._target_)
+    metric = cfg.get("optimize_metric", allowed[0])
+    if metric not in allowed:
+        raise ConfigError(f"optimize_metric={metric} is not a known metric of this task; use one of "
+                          f"{', '.join(allowed)}")
     return metric
 
 

@@ -294,6 +294,8 @@ def main() -> None:
                         help="switches to time on and off (default: each one that acts on this device; --quick leaves "
                              "out compile)")
     parser.add_argument("--out", default="outputs/bench/bench.json")
+    parser.add_argument("--write", nargs=2, metavar=("PAGE", "BLOCK"),
+                        help="also put the table between the page's <!-- table:BLOCK --> markers, under the command")
     args = parser.parse_args()
     if args.peers and bench_peers.unavailable():
         parser.exit(2, f"bench: error: {bench_peers.unavailable()}\n")
@@ -370,6 +372,10 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
     print(f"\nwritten to {out}")
+    if args.write:
+        from docs_tables import provenance, write_block
+
+        write_block(Path(args.write[0]), args.write[1], f"{provenance()}\n\n{table(results)}")
 
 
 def table(r: dict) -> str:

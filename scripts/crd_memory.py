@@ -2,14 +2,18 @@
 
 Each size is measured on a real ``CRD`` term fed every index of a shuffled dataset
 once (synthetic features, no training), so the numbers are the buffers a run would
-checkpoint. Usage: ``python scripts/crd_memory.py [--sizes 1000 10000 ...]``.
+checkpoint. Usage: ``python scripts/crd_memory.py [--sizes 1000 10000 ...] [--write docs/losses.md]``
+(the table goes between the page's ``<!-- table:crd_memory -->`` markers).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+
+from docs_tables import provenance, write_block
 
 from kdrun.losses import StepOutputs
 from kdrun.losses.contrastive import CRD
@@ -50,15 +54,17 @@ def main() -> None:
     parser.add_argument("--feat-dim", type=int, default=128)
     parser.add_argument("--queue-size", type=int, default=16384)
     parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--write", type=Path, help="a markdown page whose crd_memory block receives the table")
     args = parser.parse_args()
-
-    print(f"CRD memory (feat_dim={args.feat_dim}, queue_size={args.queue_size}); student + teacher rows, labels, queue indices")
-    print(f"| {'samples N':>10} | {'bank':>10} | {'queue':>10} |")
-    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    lines = ["| training samples | bank | queue |", "|---:|---:|---:|"]
     for num_samples in args.sizes:
         bank, queue = (memory_bytes(memory, num_samples, args.feat_dim, args.queue_size, args.batch_size) for memory in ("bank", "queue"))
-        print(f"| {num_samples:>10,} | {human(bank):>10} | {human(queue):>10} |", flush=True)
-
+        lines.append(f"| {num_samples:,} | {human(bank)} | {human(queue)} |")
+        print(lines[-1], flush=True)
+    if args.write:
+        head = (f"{provenance()} CRD memory with feat_dim {args.feat_dim}, queue_size {args.queue_size}: student and "
+                "teacher rows, labels and indices.")
+        write_block(args.write, "crd_memory", head + "\n\n" + "\n".join(lines))
 
 if __name__ == "__main__":
     main()

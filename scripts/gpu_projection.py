@@ -131,13 +131,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", type=Path, help="a markdown page whose gpu_projection block receives the table")
     args = parser.parse_args()
     overrides = [*OVERRIDES, f"dataset.source.num_train={args.steps * BATCH}"]
     with tempfile.TemporaryDirectory() as tmp:
         setup = Setup(compose(overrides), torch.device("cpu"))
         counts = one_step_counts(setup)
         step_s = interleaved({"step": kdrun_runner(setup, epochs=1, workdir=Path(tmp))}, args.repeats)["step"]
-    print(projection(step_s, counts))
+    text = projection(step_s, counts)
+    print(text)
+    if args.write:
+        from docs_tables import provenance, write_block
+
+        write_block(args.write, "gpu_projection", f"{provenance()}\n\n{text}")
 
 
 if __name__ == "__main__":

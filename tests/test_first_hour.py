@@ -20,11 +20,11 @@ from kdrun.run import run
 from kdrun.tasks import Batch, Classification
 
 
-def run_in_terminal(*args: str, cwd: Path, timeout: float = 300) -> str:
+def run_in_terminal(*args: str, cwd: Path, timeout: float = 300, **env: str) -> str:
     """kdrun with its output on a pseudo-terminal, as in an interactive shell; returns what it printed."""
     master, slave = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "kdrun", *args], cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
-                               env={**os.environ, "COLUMNS": "160", "LINES": "50"})
+                               env={**os.environ, "COLUMNS": "160", "LINES": "50", **env})
     os.close(slave)
     chunks, deadline = [], time.time() + timeout
     while time.time() < deadline:
@@ -47,7 +47,9 @@ def run_in_terminal(*args: str, cwd: Path, timeout: float = 300) -> str:
 
 @pytest.mark.slow
 def test_a_run_in_a_terminal_fits_on_one_screen(tmp_path):
-    printed = run_in_terminal(*FAST, "epochs=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    # An empty cache of its own: the teacher is trained here, whatever other tests cached before.
+    printed = run_in_terminal(*FAST, "epochs=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                              KDRUN_CACHE_DIR=str(tmp_path / "cache"))
     # Progress bars redraw one line (\r); what stays on the screen is the newline-ended lines.
     lines = [line for line in re.sub(r"[^\n]*\r(?!\n)", "", printed).splitlines() if line.strip()]
     assert len(lines) <= 30, "\n".join(lines)

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from helpers import CONF_DIR, FAST, kdrun_cli, read_summary
-from kdrun.config import OPTIMIZE_METRICS, auto_device, metric_value
+from kdrun.config import auto_device, metric_value, optimize_metrics
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,9 @@ def test_metric_value_reads_dotted_paths():
     assert metric_value(summary, "student.best_val_acc") == 72.0
     assert metric_value(summary, "figures.gain") is None
     assert metric_value(summary, "scratch.test_acc") is None
-    assert "student.test_acc" in OPTIMIZE_METRICS and "figures.gain" in OPTIMIZE_METRICS
+    allowed = optimize_metrics("kdrun.tasks.Classification")
+    assert {"student.test_acc", "student.best_val_acc", "figures.gain", "scratch.test_loss"} <= set(allowed)
+    assert "student.best_val_ppl" in optimize_metrics("kdrun.tasks.language.CausalLM")
 
 
 @pytest.mark.slow
@@ -68,7 +70,7 @@ def test_unknown_optimize_metric_is_one_line_and_exit_2_before_any_job(tmp_path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "kdrun: error: optimize_metric=student.nope is not a known metric" in lines[0]
-    assert "student.test_acc, student.best_val_acc, figures.gain" in lines[0]
+    assert "student.test_acc, student.test_loss, student.best_val_acc, figures.gain" in lines[0]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").glob("*/*/*/summary.json"))
 
 

@@ -66,6 +66,13 @@ def test_mlflow_run_is_read_back_with_mlflows_client(tmp_path):
     assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"checkpoints", "summary.json"}
 
 
+def test_mlflow_names_keep_hydra_choices_readable():
+    from kdrun.reporting.mlflow_tracker import mlflow_name
+
+    assert mlflow_name("choices.paper_loss/fitnet@_global_") == "choices.paper_loss/fitnet__global_"
+    assert mlflow_name("student/val/acc") == "student/val/acc"
+
+
 def wandb_run_files(where: Path) -> list[Path]:
     return sorted(where.glob("wandb/offline-run-*/run-*.wandb"))
 

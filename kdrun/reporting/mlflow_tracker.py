@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ def local_store(base: Path) -> tuple[str, str]:
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
+
+
+def mlflow_name(key: str) -> str:
+    """``key`` with every character MLflow refuses in a parameter or metric name replaced by ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
 
 class MlflowTracker(Tracker):
     name = "mlflow"
@@ -97,7 +103,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         # A parameter holds at most PARAM_CHARS characters; a long list (published numbers) is cut there.
-        entries = [Param(key, str(value)[:PARAM_CHARS]) for key, value in values.items()]
+        # MLflow names allow few characters: a Hydra choice such as ``paper_loss/fitnet@_global_`` keeps
+        # its name with the others (here ``@``) replaced by ``_``.
+        entries = [Param(mlflow_name(key), str(value)[:PARAM_CHARS]) for key, value in values.items()]
         for i in range(0, len(entries), BATCH_PARAMS):
             self.client.log_batch(self.run_id, params=entries[i:i + BATCH_PARAMS])
 
@@ -105,7 +113,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        entries = [Metric(key, value, now, step) for key, value in values.items()]
+        entries = [Metric(mlflow_name(key), value, now, step) for key, value in values.items()]
         for i in range(0, len(entries), BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=entries[i:i + BATCH_METRICS])
 

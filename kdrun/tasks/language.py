@@ -70,6 +70,11 @@ class LanguageModelling(Classification):
         keep = labels != IGNORE
         return logits[keep], labels[keep]
 
+    def correct_items(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """None: the figure is perplexity, not a count of right items, and a sequence's tokens are
+        not independent items, so McNemar's test on token accuracy would overstate the evidence."""
+        return None
+
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         metrics = super().finish(sums)
         if "loss" in metrics:
