@@ -230,6 +230,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "teacher_training.epochs"):
         _at_least(cfg, key, 1, int)
     _number(cfg, "seed", int)
+    if cfg.get("speed") is not None:
+        _at_least(cfg, "speed.budget_s", 0, why=" (seconds of timing for the inference speed-up)")
+        _at_least(cfg, "speed.min_rounds", 1, int)
     _at_least(cfg, "dataset.batch_size", 1, int)
     _at_least(cfg, "dataset.num_workers", 0, int)
     val_fraction = _number(cfg, "dataset.val_fraction")

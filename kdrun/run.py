@@ -179,7 +179,9 @@ def _train_and_report(cfg: DictConfig, run_dir: Path, summary: dict[str, Any], t
     sections.update(ctx.task.after_run(ctx, {role: m.model for role, m in trained.items() if m is not None}))
     probe = Placement(ctx.task, ctx.device)(next(iter(ctx.data.test))).head(SPEED_BATCH)
     teacher = teacher.model if teacher is not None else None
-    sections["figures"] = reporting.distillation_figures({**summary, **sections}, ctx.task, result.student.model, teacher, probe)
+    timing = OmegaConf.to_container(cfg.speed) if cfg.get("speed") is not None else None
+    sections["figures"] = reporting.distillation_figures({**summary, **sections}, ctx.task, result.student.model,
+                                                         teacher, probe, timing)
     if scratch is not None:  # both models scored on the same test items
         sections["figures"]["gain_test"] = reporting.paired_test(ctx.task, result.student.model, scratch.model,
                                                                  ctx.data.test, ctx.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +41,16 @@ def provenance() -> str:
 
 
 def run_sweep(sweep_dir: Path, overrides: list[str], env: dict | None = None) -> Path:
-    """``kdrun -m <overrides>`` into ``sweep_dir``; a sweep whose jobs all completed is kept as it is."""
+    """``kdrun -m <overrides>`` into ``sweep_dir``; a sweep whose jobs all completed is kept as it is,
+    one cut short (a job without its summary) is removed and run again from the start."""
     from kdrun.reporting.sweep import collect
 
     if sweep_dir.is_dir():
         jobs = collect(sweep_dir)
-        if jobs and all(job.status == "completed" for job in jobs):
+        jobs_started = [d for d in sweep_dir.iterdir() if d.is_dir() and (d / "config.yaml").exists()]
+        if jobs and len(jobs) == len(jobs_started) and all(job.status == "completed" for job in jobs):
             return sweep_dir
+        shutil.rmtree(sweep_dir)
     command = [sys.executable, "-m", "kdrun", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     print("+", " ".join(command[2:]), flush=True)
     subprocess.run(command, check=False, env={**os.environ, **(env or {})})

@@ -5,8 +5,9 @@ A command is a line in a fenced ``bash``/``sh`` block (or a plain fenced block) 
 ``kdrun``, ``kdrun-report``, ``kdrun-export``, ``python -m kdrun`` or ``torchrun``. It is skipped
 when its line says ``# needs: <what>`` (data on disk, a GPU, a network, a cluster) or when it holds
 a placeholder such as ``<run dir>``. The others run with short settings appended (one epoch, a
-small MNIST-1D, two Optuna trials, the first two values of each swept list), each in its own
-directory, and must exit with status 0. A command written the same way on two pages runs once.
+small MNIST-1D or the first 100,000 characters of the embedded corpus, a brief speed-up timing,
+two Optuna trials, the first two values of each swept list), each in its own directory, and must
+exit with status 0. A command written the same way on two pages runs once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 STARTS = ("kdrun ", "kdrun-report ", "kdrun-export ", "python -m kdrun", "torchrun ")
-SHORT = ["epochs=1", "teacher_training.epochs=1"]
+SHORT = ["epochs=1", "teacher_training.epochs=1", "speed.min_rounds=2", "speed.budget_s=0"]
 SHORT_DATA = ["dataset.source.num_samples=600"]
+SHORT_TEXT = ["dataset.source.max_chars=100000"]
 
 
 def commands() -> list[tuple[str, str]]:
@@ -68,8 +70,10 @@ def shortened(command: str) -> list[str]:
     if multirun:
         words = [re.sub(r"^(hydra\.sweeper\.n_trials)=\d+$", r"\1=2", two_values(w)) for w in words]
     extra = [*SHORT]
-    if not any(w.startswith(("dataset=", "experiment=crd", "experiment=imagenet", "experiment=lm", "experiment=distil",
-                             "experiment=tinybert")) for w in words):
+    text = ("experiment=lm", "experiment=distil", "experiment=tinybert", "dataset=lm_")
+    if any(w.startswith(text) for w in words):
+        extra += SHORT_TEXT
+    elif not any(w.startswith(("dataset=", "experiment=crd", "experiment=imagenet")) for w in words):
         extra += SHORT_DATA
     if multirun and any("hparams_search=optuna" in w for w in words) and not any("n_trials" in w for w in words):
         extra.append("hydra.sweeper.n_trials=2")

@@ -77,15 +77,18 @@ def two_significant(value: float) -> str:
     return f"{rounded:,.{max(digits, 0)}f}"
 
 
-def speed_figures(task, student: nn.Module, teacher: nn.Module | None, batch) -> dict[str, Any]:
-    """Forward time of student (and teacher) on ``batch`` in eval mode, timed in turns; the
-    speed-up is the ratio of the medians, and a student too fast to time is flagged."""
+def speed_figures(task, student: nn.Module, teacher: nn.Module | None, batch,
+                  timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Forward time of student (and teacher) on ``batch`` in eval mode, timed in turns (``timing``:
+    the config's ``speed`` settings, ``budget_s`` and ``min_rounds``); the speed-up is the ratio of
+    the medians, and a student too fast to time is flagged."""
     models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
     modes = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
     device = batch.labels.device
-    times = time_in_turns({name: (lambda m=model: task.forward(m, batch)) for name, model in models.items()}, device)
+    times = time_in_turns({name: (lambda m=model: task.forward(m, batch)) for name, model in models.items()}, device,
+                          **(timing or {}))
     for name, model in models.items():
         model.train(modes[name])
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -191,7 +194,7 @@ def recipe_sections(recipe, rows: list[dict], student_name: str) -> dict[str, An
 
 
 def distillation_figures(summary: dict[str, Any], task, student: nn.Module, teacher: nn.Module | None,
-                         batch) -> dict[str, Any]:
+                         batch, timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gain over scratch, compression, retention and inference speed-up of student over teacher.
 
     ``gain`` is positive when distillation helped: student minus scratch for a metric where
@@ -209,7 +212,7 @@ def distillation_figures(summary: dict[str, Any], task, student: nn.Module, teac
         ratio = (student_entry[key], teacher_entry[key]) if metric.higher_is_better else (teacher_entry[key], student_entry[key])
         if ratio[1]:
             figures["retention"] = 100.0 * ratio[0] / ratio[1]
-    figures.update(speed_figures(task, student, teacher if teacher_entry else None, batch))
+    figures.update(speed_figures(task, student, teacher if teacher_entry else None, batch, timing))
     return figures
 
 

@@ -18,9 +18,14 @@ from kdrun.config import register_resolvers
 
 CONF_DIR = str(importlib.resources.files("kdrun.conf"))
 
+# The headline's speed-up timed briefly (two rounds): most tests check the machinery, not the
+# timing; tests/test_first_hour.py checks the timing at its defaults.
+QUICK_SPEED = ["speed.min_rounds=2", "speed.budget_s=0"]
+
 # Small and fast: 2,000 MNIST-1D signals, two epochs, a teacher trained for four. Most tests are
 # about the machinery, so they use Hinton's KD alone (the default job's kd_fitnet has its own tests).
 FAST = [
+    *QUICK_SPEED,
     "dataset.source.num_samples=2000",
     "dataset.batch_size=64",
     "epochs=2",
@@ -43,7 +48,7 @@ ZOO_STAGES = {
 def make_cfg(*overrides: str) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=[*QUICK_SPEED, *overrides])
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
