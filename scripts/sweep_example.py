@@ -4,7 +4,7 @@ by side with ``kdrun-report``.
     OMP_NUM_THREADS=1 python scripts/sweep_example.py     # runs the sweep, writes both blocks
     python scripts/sweep_example.py --only                 # from the sweep on disk
 
-The sweep is ``kdrun -m T=1,4 alpha=0.5,0.9 seed=0,1 epochs=5 loss=kd`` (outputs/examples/sweep/,
+The sweep is ``kdrun -m T=1,4 alpha=0.5,0.9 seed=0,1 epochs=5 loss=kd`` (outputs/examples/T_alpha_sweep/,
 reused when all its jobs completed); its summary.md goes into the ``sweep_example`` block and
 ``kdrun-report <job A> <job B>`` into ``report_compare``.
 """
@@ -26,7 +26,7 @@ OVERRIDES = ["T=1,4", "alpha=0.5,0.9", "seed=0,1", "epochs=5", "loss=kd"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="store_true", help="from the sweep on disk; run nothing")
-    parser.add_argument("--sweep", type=Path, default=Path("outputs/examples/sweep"))
+    parser.add_argument("--sweep", type=Path, default=Path("outputs/examples/T_alpha_sweep"))
     args = parser.parse_args()
     if not args.only:
         run_sweep(args.sweep, OVERRIDES)

@@ -136,3 +136,17 @@ def test_masked_cross_entropy_counts_labelled_samples_only():
     all_hidden = torch.full_like(labels, IGNORE)
     none = CrossEntropy()(StepOutputs(student_logits=logits.requires_grad_(), labels=all_hidden, partial_labels=True))
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_knobs_resolve_the_config_only_when_a_value_changes(monkeypatch):
+    import kdrun.losses.recipe as recipe_module
+
+    recipe = recipe_from(make_cfg("loss=kd", "T=4", "alpha=0.9"))
+    calls = []
+    monkeypatch.setattr(recipe_module, "resolve_loss", lambda cfg, **knobs: calls.append(knobs) or resolve_loss(cfg, **knobs))
+    for _ in range(3):  # every epoch of a run without schedules: the values the recipe was built with
+        recipe.knobs.apply({"T": 4.0, "alpha": 0.9})
+    assert calls == []
+    recipe.knobs.apply({"T": 2.0, "alpha": 0.9})
+    recipe.knobs.apply({"T": 2.0, "alpha": 0.9})
+    assert calls == [{"T": 2.0, "alpha": 0.9}] and recipe.terms["kd"].T == 2.0

@@ -142,6 +142,7 @@ class Knobs:
         self.schedule = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else {}
         current = {knob: float(cfg[knob]) for knob in KNOBS if knob in cfg}
         base = resolve_loss(cfg)
+        self._applied = {knob: value for knob, value in current.items()}  # the knobs' values the recipe has now
         self.bindings: dict[tuple[str, str], str] = {}
         weight_follows: dict[str, dict[float, float]] = {}
         for knob, value in current.items():
@@ -189,8 +190,11 @@ class Knobs:
 
     def apply(self, values: Mapping[str, float]) -> None:
         """Set the weights and term settings that follow the knobs to their values at ``values``."""
-        if not values or not self.bindings:
+        # Resolving the config takes milliseconds (Hydra's interpolation grammar): skip it when the
+        # values are those the recipe already has (every epoch of a run without schedules).
+        if not values or not self.bindings or all(self._applied.get(k) == v for k, v in values.items()):
             return
+        self._applied.update(values)
         spec = resolve_loss(self.cfg, **values)
         for (name, key), _ in self.bindings.items():
             if key == "weight":
