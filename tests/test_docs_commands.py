@@ -84,8 +84,11 @@ def cases() -> list[tuple[str, str]]:
     """The runnable commands, each shortened form once (at its first page and line)."""
     seen, found = set(), []
     for where, command in commands():
-        if runnable(command) and tuple(shortened(command)) not in seen:
-            seen.add(tuple(shortened(command)))
+        if not runnable(command):
+            continue
+        key = tuple(shortened(command))
+        if key not in seen:
+            seen.add(key)
             found.append((where, command))
     return found
 
